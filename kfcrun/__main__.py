@@ -1,0 +1,3 @@
+from kfcrun.cli import main
+
+main()

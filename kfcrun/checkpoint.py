@@ -1,0 +1,82 @@
+"""Atomic checkpoints and RNG state capture, for runs that resume bit-for-bit.
+
+A checkpoint holds the model, the full optimizer state (momentum, averaged iterates,
+KFC factors and inverses, counters), every RNG state, the data-order position and the
+iteration/clock counters. It is written to a temporary file in the same directory,
+flushed to disk, then renamed over the old one, so a crash (even SIGKILL) mid-write
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kfcrun.errors import CheckpointError
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+
+
+def checkpoint_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, with a clear error if it is unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(
+            f"no checkpoint at {path}; fix: pass resume=<run dir> of a run that wrote "
+            f"{CHECKPOINT_DIR}/{LAST_CHECKPOINT} (it is written every trainer.checkpoint_every iterations)"
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises several types for a damaged file
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
+            "fix: resume from another run dir "
+            "or start the run again"
+        ) from err
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states: Python, NumPy, torch CPU and (if present) all CUDA devices."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,88 @@
+"""Per-parameter settings from config: per-layer weight decay and per-kind lr scale.
+
+cuda-convnet's ``layer-params-18pct.cfg`` gives each layer its own weight cost (0.004
+on the convs, 1 on fc10) and biases twice the weights' learning rate (``epsB = 2 *
+epsW``); biases are never decayed (cuda-convnet ``Weights(..., wc=0)`` for biases).
+Weight decay here is always the L2 term ``lambda/2 * |w|^2`` of the objective, with
+``lambda`` relative to the MEAN loss over the mini-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from kfcrun.errors import ConfigError
+
+#: Modules whose weights are "layers" for weight decay (and for KFC's curvature blocks).
+WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
+
+
+def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Conv2d and Linear modules by qualified name, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
+
+
+def layer_weight_decays(
+    model: nn.Module, weight_decay: float, overrides: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """Weight-decay coefficient ``lambda`` for each Conv2d/Linear layer.
+
+    ``overrides`` maps a layer's qualified name (as in ``model.named_modules()``) to
+    its own ``lambda``; every other layer gets ``weight_decay``.
+    """
+    layers = weight_layers(model)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(layers))
+    if unknown:
+        raise ConfigError(
+            f"config error: optimizer.layer_weight_decay names unknown layer(s) {unknown}; "
+            f"allowed: {sorted(layers)}; fix: use those names or remove the entries"
+        )
+    return {name: float(overrides.get(name, weight_decay)) for name in layers}
+
+
+def build_param_groups(
+    model: nn.Module,
+    lr: float,
+    *,
+    weight_decay: float = 0.0,
+    layer_weight_decay: Mapping[str, float] | None = None,
+    bias_lr_scale: float = 1.0,
+    decay_biases: bool = False,
+) -> list[dict]:
+    """One param group per parameter, carrying its own ``lr`` and ``weight_decay``.
+
+    * Conv2d/Linear weights: ``lr`` and the layer's ``lambda`` (see
+      :func:`layer_weight_decays`).
+    * Their biases: ``lr * bias_lr_scale``; decayed with the layer's ``lambda`` only if
+      ``decay_biases``.
+    * Everything else (e.g. BatchNorm scale and shift): ``lr``, no decay.
+
+    Each group also records ``name`` and ``lr_scale`` so schedules can rescale the base lr.
+    """
+    decays = layer_weight_decays(model, weight_decay, layer_weight_decay)
+    groups: list[dict] = []
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            scale, decay = 1.0, 0.0
+            if module_name in decays:
+                if param_name == "bias":
+                    scale = bias_lr_scale
+                    decay = decays[module_name] if decay_biases else 0.0
+                else:
+                    decay = decays[module_name]
+            groups.append(
+                {
+                    "params": [param],
+                    "lr": lr * scale,
+                    "lr_scale": scale,
+                    "weight_decay": decay,
+                    "name": full_name,
+                }
+            )
+    return groups

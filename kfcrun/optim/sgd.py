@@ -1,0 +1,81 @@
+"""SGD with momentum and iterate averaging: the paper's baseline (Sec. 5.2, footnote 2).
+
+The update is ``p <- mu * p - alpha * (grad + lambda * theta)``, ``theta <- theta + p``,
+which is ``torch.optim.SGD`` with ``dampening = 0`` (identical to cuda-convnet's
+``inc = mom*inc - wc*eps*W + eps*grad`` for a constant learning rate). After each
+update the EMA of the iterates is refreshed (:mod:`kfcrun.optim.averaging`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from kfcrun.optim.averaging import IterateAveraging
+
+
+class SGD(torch.optim.SGD):
+    """``torch.optim.SGD`` (momentum, L2 weight decay) plus parameter averaging.
+
+    Args:
+        params: parameters or param groups (see :func:`kfcrun.optim.build_param_groups`).
+        lr: learning rate ``alpha`` on the gradient of the MEAN mini-batch loss.
+        momentum: ``mu`` (paper: 0.9).
+        weight_decay: default ``lambda`` for groups that do not set their own.
+        avg_decay: per-iteration EMA factor ``xi`` (see
+            :func:`kfcrun.optim.averaging.averaging_decay`); ``None`` disables averaging.
+        avg_mode: ``"paper"`` or ``"debiased"``; ``avg_start``: see
+            :class:`~kfcrun.optim.averaging.IterateAveraging`.
+
+    ``iteration`` counts completed steps; ``averaged_parameters()`` swaps the averages
+    into the model for evaluation.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        avg_decay: float | None = None,
+        avg_mode: str = "paper",
+        avg_start: int = 0,
+    ) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.iteration = 0
+        self.averaging = IterateAveraging(self, avg_decay, avg_mode, avg_start)
+        self.averaging.begin(self._params())
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = super().step(closure)
+        self.iteration += 1
+        self.averaging.update(self._params(), self.iteration)
+        return loss
+
+    @contextmanager
+    def averaged_parameters(self) -> Iterator[None]:
+        """Load the averaged iterates into the parameters inside the ``with`` block."""
+        with self.averaging.swapped_in(self._params(), self.iteration):
+            yield
+
+    def step_stats(self) -> dict[str, torch.Tensor]:
+        """Per-step statistics for logging (none for SGD)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["iteration"] = self.iteration
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.iteration = int(state_dict.pop("iteration", 0))
+        super().load_state_dict(state_dict)

@@ -1,0 +1,177 @@
+"""End-to-end runs of the training loop on generated data: outputs, clock, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import kfcrun.train as train_module
+from kfcrun.checkpoint import load_checkpoint
+from kfcrun.cli import _compose
+from kfcrun.errors import TrainingDivergedError
+from kfcrun.logging import is_timing_key, read_metrics
+from tests.conftest import run_cli
+
+
+def smoke_config(cache_dir: Path, *overrides: str) -> DictConfig:
+    cfg = _compose(
+        ["experiment=smoke", "trainer.progress=false", f"dataset.cache_dir={cache_dir}", *overrides]
+    )
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra")
+    return OmegaConf.create(container)
+
+
+def test_smoke_run_writes_all_outputs(tmp_path: Path, cache_dir: Path):
+    run_dir = tmp_path / "run"
+    result = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}"], cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert "kfcrun: smoke done: 60 iterations" in result.stdout
+
+    rows = read_metrics(run_dir)
+    assert [r["iter"] for r in rows] == [20, 40, 60]
+    assert [r["examples"] for r in rows] == [1280, 2560, 3840]
+    for key in ("train/nll", "train/error", "test/nll", "test/error", "test/error_current", "train_time_s"):
+        assert all(key in r for r in rows), key
+    assert rows[-1]["test/error"] < 0.6  # generated data is learnable: chance is 0.9
+    assert rows[0]["train_time_s"] < rows[1]["train_time_s"] < rows[2]["train_time_s"]
+
+    record = json.loads((run_dir / "run.json").read_text())
+    for key in ("git_sha", "git_dirty", "torch_version", "python_version", "device_name", "command"):
+        assert key in record
+    assert OmegaConf.load(run_dir / "config.yaml").name == "smoke"
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"train/nll", "train/error", "test/nll", "test/error", "time/train_s"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert [e.step for e in events.Scalars("test/error")] == [20, 40, 60]
+
+
+def test_two_runs_in_the_same_second_get_different_directories(tmp_path: Path, cache_dir: Path):
+    args = ["experiment=smoke", "trainer.max_iters=1", "trainer.eval_every=1", "trainer.train_eval_size=8"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "kfcrun", "trainer.progress=false", *args],
+        cwd=tmp_path,
+        env={**__import__("os").environ, "KFCRUN_CACHE_DIR": str(cache_dir)},
+    )
+    second = run_cli(args, cwd=tmp_path, cache=cache_dir)
+    assert first.wait(timeout=300) == 0 and second.returncode == 0
+    runs = [p for p in (tmp_path / "outputs").glob("*/*") if p.is_dir()]
+    assert len(runs) == 2 and all((p / "metrics.jsonl").is_file() for p in runs)
+
+
+def test_training_clock_excludes_evaluation(tmp_path: Path, cache_dir: Path, monkeypatch):
+    """Evaluation that takes 1,000 s (on a shifted clock) must not reach train_time_s."""
+    offset = {"s": 0.0}
+    real_clock = time.perf_counter
+    real_evaluate = train_module.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        offset["s"] += 1000.0
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: real_clock() + offset["s"])
+    monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
+    train_module.train(smoke_config(cache_dir), tmp_path)
+    rows = read_metrics(tmp_path)
+    assert offset["s"] == 1000.0 * 4 * len(rows)  # averaged + current, train + test
+    assert 0 < rows[-1]["train_time_s"] < 1000.0
+    assert rows[-1]["elapsed_s"] > 1000.0 * 4 * (len(rows) - 1)
+
+
+def test_killed_run_resumes_bitwise(tmp_path: Path, cache_dir: Path):
+    args = ["experiment=smoke", "trainer.max_iters=40", "trainer.eval_every=5", "trainer.checkpoint_every=10"]
+    reference = tmp_path / "reference"
+    assert run_cli([*args, f"hydra.run.dir={reference}"], cwd=tmp_path, cache=cache_dir).returncode == 0
+
+    killed = tmp_path / "killed"
+    env = {**__import__("os").environ, "KFCRUN_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kfcrun", "trainer.progress=false", *args, f"hydra.run.dir={killed}"],
+        cwd=tmp_path,
+        env=env,
+    )
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "last.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted_at = load_checkpoint(killed / "checkpoints" / "last.pt")["iteration"]
+    assert interrupted_at < 40, "the run finished before it could be killed; nothing was tested"
+
+    resumed = run_cli([f"resume={killed}"], cwd=tmp_path, cache=cache_dir)
+    assert resumed.returncode == 0, resumed.stderr
+
+    final_ref = load_checkpoint(reference / "checkpoints" / "last.pt")
+    final_res = load_checkpoint(killed / "checkpoints" / "last.pt")
+    assert final_res["iteration"] == final_ref["iteration"] == 40
+    for name, tensor in final_ref["model"].items():
+        assert torch.equal(tensor, final_res["model"][name]), f"parameter {name} differs after resume"
+    for index, state in final_ref["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, final_res["optimizer"]["state"][index][key]), (
+                f"optimizer state {index}/{key}"
+            )
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not is_timing_key(k)} for r in rows]
+
+    assert strip(read_metrics(killed)) == strip(read_metrics(reference))
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path: Path, cache_dir: Path, monkeypatch):
+    real_loss = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, labels, *args, **kwargs):
+        loss = real_loss(logits, labels, *args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 17:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_module.F, "cross_entropy", poisoned)
+    cfg = smoke_config(
+        cache_dir, "trainer.checkpoint_every=5", "trainer.log_every=4", "trainer.eval_every=10"
+    )
+    with pytest.raises(TrainingDivergedError) as info:
+        train_module.train(cfg, tmp_path)
+    message = str(info.value)
+    assert "training loss became nan at iteration 17" in message
+    assert f"{tmp_path / 'checkpoints' / 'last.pt'} (iteration 15)" in message
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["iteration"] == 15
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert [r["iter"] for r in read_metrics(tmp_path)] == [10]
+
+
+def test_diverging_cli_run_prints_one_line_and_exits_nonzero(tmp_path: Path, cache_dir: Path):
+    result = run_cli(
+        ["experiment=smoke", "optimizer.lr=1e12", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        cache=cache_dir,
+    )
+    assert result.returncode == 3
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("kfcrun:")]
+    assert (
+        len(error_lines) == 1
+        and "training loss became" in error_lines[0]
+        and "lower optimizer.lr" in error_lines[0]
+    )
