@@ -178,7 +178,7 @@ OPTIMIZER_RULES: dict[str, dict[str, Rule]] = {
         "optimizer.nu_fraction": number("0.25", gt=0, le=1),
         "optimizer.stats_fraction": number("0.25", gt=0, le=1),
         "optimizer.init_examples": integer(0, "10000"),
-        "optimizer.fisher": choice("true", "empirical"),
+        "optimizer.fisher": choice("sampled", "empirical"),
         "optimizer.approx": choice("kfc", "sua"),
         "optimizer.precondition": boolean(),
     },

@@ -233,6 +233,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     # ---- the loop -----------------------------------------------------------------------------
     model.train()
+    empirical_fisher = cfg.optimizer.get("fisher") == "empirical"
     recent_losses: list[torch.Tensor] = []
     last_row: dict[str, Any] = {}
     bar = tqdm(
@@ -247,12 +248,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         while iteration < max_iters:
             images, labels = next(batches)
             inputs = preprocess(images)  # data preparation stays off the training clock
+            step_kwargs = {"targets": labels} if empirical_fisher else {}
 
             clock.start()
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs), labels)
             loss.backward()
-            optimizer.step()
+            optimizer.step(**step_kwargs)
             if cfg.model.max_norm is not None:
                 apply_max_norm(model, cfg.model.max_norm)
             clock.stop()
@@ -315,7 +317,7 @@ def optimizer_times(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 
 def _initial_batches(cfg: DictConfig, data: ImageData, preprocess: Preprocessor, device: torch.device):
-    """Batches of a fixed random training subset for KFC-pre's initial factor estimate."""
+    """``(inputs, labels)`` batches of a fixed random training subset: KFC-pre's initial factor estimate."""
     count = min(int(cfg.optimizer.get("init_examples", 0)), len(data.train_images))
     order = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.seed + 1))[
         :count
@@ -323,7 +325,7 @@ def _initial_batches(cfg: DictConfig, data: ImageData, preprocess: Preprocessor,
     size = cfg.trainer.batch_size
     for start in range(0, count, size):
         idx = order[start : start + size]
-        yield preprocess(data.train_images[idx].to(device))
+        yield preprocess(data.train_images[idx].to(device)), data.train_labels[idx].to(device)
 
 
 def _check_finite(

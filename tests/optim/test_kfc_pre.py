@@ -1,0 +1,390 @@
+"""KFC-pre (Algorithm 1) against explicit computations in float64 on tiny networks."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfcrun.curvature import batch_factors, sample_targets
+from kfcrun.optim import SGD, KFCPre, build_param_groups
+from kfcrun.optim.fisher_vector import fisher_quadratic
+from tests.curvature.oracles import assert_close
+
+
+def tiny_net(seed: int = 0, batch_norm: bool = False) -> nn.Sequential:
+    """conv(2->3, 3x3, pad 1) -> [BN] -> ReLU -> maxpool 2 -> Linear(12 -> 4), float64."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Conv2d(2, 3, 3, padding=1, bias=not batch_norm)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(3))
+    layers += [nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 4)]
+    net = nn.Sequential(*layers)
+    for name, p in net.named_parameters():
+        if "1." not in name or not batch_norm:
+            nn.init.normal_(p, std=0.5)
+    return net.double()
+
+
+def batch(seed: int, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+# -- nu = v^T F v ---------------------------------------------------------------------------------
+def explicit_fisher(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``F = (1/n) sum_m J_m^T (diag p_m - p_m p_m^T) J_m`` from full Jacobians."""
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def logits_of(flat: torch.Tensor) -> torch.Tensor:
+        chunks, offset = {}, 0
+        for n in names:
+            size = params[n].numel()
+            chunks[n] = flat[offset : offset + size].reshape(params[n].shape)
+            offset += size
+        return torch.func.functional_call(model, chunks, (x,))
+
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    jac = torch.autograd.functional.jacobian(logits_of, flat)  # (n, classes, P)
+    probs = torch.softmax(logits_of(flat), dim=1)
+    fisher = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype)
+    for m in range(x.shape[0]):
+        h = torch.diag(probs[m]) - torch.outer(probs[m], probs[m])
+        fisher += jac[m].T @ h @ jac[m]
+    return fisher / x.shape[0]
+
+
+def test_fisher_quadratic_matches_explicit_jacobians():
+    model = tiny_net()
+    x, _ = batch(1)
+    g = torch.Generator().manual_seed(3)
+    tangents = {
+        n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in model.named_parameters()
+    }
+    v = torch.cat([tangents[n].reshape(-1) for n, _ in model.named_parameters()])
+    expected = v @ explicit_fisher(model, x) @ v
+    assert_close(fisher_quadratic(model, x, tangents), expected, rtol=1e-10, what="v^T F v")
+
+
+def test_fisher_quadratic_leaves_batch_norm_buffers_alone():
+    model = tiny_net(batch_norm=True)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    x, _ = batch(1)
+    fisher_quadratic(model, x, {})
+    for n, b in model.named_buffers():
+        assert torch.equal(b, before[n]), n
+
+
+# -- the step against Algorithm 1 written out -----------------------------------------------------
+def reference_kfc_step(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float,
+    lam: float,
+    gamma: float,
+    clip: float,
+    velocity: torch.Tensor,
+    mu: float,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One KFC-pre update with explicit Kronecker products (``torch.kron``, column-stacking vec)."""
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    v_parts = {}
+    for name, module in layers.items():
+        omega, gamma_f = factors[name]
+        grad_w = module.weight.grad + lam * module.weight.detach()
+        g = torch.cat([module.bias.grad.reshape(-1, 1), grad_w.reshape(grad_w.shape[0], -1)], dim=1)
+        pi = math.sqrt((omega.trace() / omega.shape[0]) / (gamma_f.trace() / gamma_f.shape[0]))
+        root = math.sqrt(lam + gamma)
+        damped = torch.kron(
+            omega + pi * root * torch.eye(omega.shape[0], dtype=omega.dtype),
+            gamma_f + root / pi * torch.eye(gamma_f.shape[0], dtype=omega.dtype),
+        )
+        solved = torch.linalg.solve(damped, g.T.reshape(-1)).reshape(g.shape[1], g.shape[0]).T  # unvec
+        v_parts[name] = -lr * solved
+    v = []
+    for _, p in model.named_parameters():
+        for name, module in layers.items():
+            if p is module.weight:
+                v.append(v_parts[name][:, 1:].reshape(-1))
+            elif p is module.bias:
+                v.append(v_parts[name][:, 0])
+    v = torch.cat(v)
+    weight_mask = torch.cat(
+        [
+            torch.full((p.numel(),), 1.0 if n.endswith("weight") else 0.0, dtype=torch.float64)
+            for n, p in model.named_parameters()
+        ]
+    )
+    nu = float(v @ explicit_fisher(model, x) @ v + lam * (weight_mask * v * v).sum())
+    if nu > clip:
+        v = v / math.sqrt(nu / clip)
+    velocity = mu * velocity + v
+    return flat_params(model) + velocity, velocity, nu
+
+
+def test_two_steps_match_algorithm_1_written_out():
+    lr, lam, gamma, clip, mu, xi = 0.3, 0.01, 0.05, 0.2, 0.9, 0.6
+    model, reference = tiny_net(), tiny_net()
+    opt = KFCPre(
+        model,
+        lr=lr,
+        momentum=mu,
+        weight_decay=lam,
+        damping=gamma,
+        clip=clip,
+        stat_decay=xi,
+        stats_every=1,
+        inverse_every=1,
+        nu_fraction=1.0,
+        stats_fraction=1.0,
+        seed=11,
+    )
+    draws = torch.Generator().manual_seed(11)  # the same stream of sampled targets
+    velocity = torch.zeros_like(flat_params(model))
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    nus = []
+    for k, seed in enumerate((1, 2), start=1):
+        x, y = batch(seed)
+        fresh = batch_factors(reference, x, sample_targets(reference(x), draws))
+        if k == 1:  # Algorithm 1: the first step's batch initializes the factors
+            factors = fresh
+        else:  # Eqn 33
+            factors = {
+                n: (xi * o + (1 - xi) * fresh[n][0], xi * g + (1 - xi) * fresh[n][1])
+                for n, (o, g) in factors.items()
+            }
+        expected, velocity, nu = reference_kfc_step(
+            reference, x, y, factors, lr=lr, lam=lam, gamma=gamma, clip=clip, velocity=velocity, mu=mu
+        )
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(expected, reference.parameters())
+        train_step(model, opt, x, y)
+        nus.append(nu)
+        assert_close(flat_params(model), expected, rtol=1e-9, atol=1e-12, what=f"parameters after step {k}")
+        assert_close(
+            opt.step_stats()["nu"], torch.tensor(nu, dtype=torch.float64), rtol=1e-9, what=f"nu at step {k}"
+        )
+    assert any(nu > clip for nu in nus), "clipping never fired; the test would not cover it"
+
+
+def test_exact_damping_mode_step():
+    lr, lam, gamma = 0.1, 0.02, 0.03
+    model = tiny_net()
+    opt = KFCPre(
+        model,
+        lr=lr,
+        momentum=0.0,
+        weight_decay=lam,
+        damping=gamma,
+        damping_mode="exact",
+        clip=None,
+        stats_every=1,
+        inverse_every=1,
+        seed=5,
+    )
+    x, y = batch(4)
+    omega_gamma = batch_factors(
+        tiny_net(), x, sample_targets(tiny_net()(x), torch.Generator().manual_seed(5))
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    for name in ("0", "4"):
+        omega, gamma_f = omega_gamma[name]
+        g = torch.cat(
+            [
+                grads[f"{name}.bias"].reshape(-1, 1),
+                (grads[f"{name}.weight"] + lam * before[f"{name}.weight"]).flatten(1),
+            ],
+            dim=1,
+        )
+        block = torch.kron(omega, gamma_f) + (lam + gamma) * torch.eye(
+            omega.shape[0] * gamma_f.shape[0], dtype=torch.float64
+        )
+        solved = torch.linalg.solve(block, g.T.reshape(-1)).reshape(g.shape[1], g.shape[0]).T
+        step = torch.cat(
+            [
+                (model.get_submodule(name).bias - before[f"{name}.bias"]).reshape(-1, 1),
+                (model.get_submodule(name).weight - before[f"{name}.weight"]).flatten(1),
+            ],
+            dim=1,
+        )
+        assert_close(step.detach(), -lr * solved, rtol=1e-9, atol=1e-12, what=f"exact-damping step of {name}")
+
+
+# -- special cases ----------------------------------------------------------------------------------
+def test_reduces_to_sgd_with_momentum_without_preconditioning():
+    kfc_model, sgd_model = tiny_net(), tiny_net()
+    kfc = KFCPre(kfc_model, lr=0.05, momentum=0.9, weight_decay=0.01, precondition=False, clip=None)
+    sgd = SGD(build_param_groups(sgd_model, 0.05, weight_decay=0.01), lr=0.05, momentum=0.9)
+    for seed in range(5):
+        x, y = batch(seed)
+        train_step(kfc_model, kfc, x, y)
+        train_step(sgd_model, sgd, x, y)
+    assert_close(
+        flat_params(kfc_model), flat_params(sgd_model), rtol=1e-12, atol=1e-14, what="KFC-pre vs SGD"
+    )
+
+
+def test_batch_norm_parameters_take_plain_sgd_steps():
+    model = tiny_net(batch_norm=True)
+    opt = KFCPre(model, lr=0.1, momentum=0.9, clip=None)
+    bn = model[1]
+    x, y = batch(2)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    expected = bn.weight.detach() - 0.1 * bn.weight.grad
+    opt.step()
+    assert_close(bn.weight.detach(), expected, rtol=1e-12, what="BN scale after one step")
+    assert model[0].bias is None and opt.curvature.layers["0"].omega.shape == (18, 18)
+
+
+def test_statistics_and_inverses_follow_the_periods(monkeypatch):
+    model = tiny_net()
+    opt = KFCPre(model, lr=0.01, stats_every=3, inverse_every=4, clip=None)
+    opt.initialize([batch(0)[0]])
+    calls = {"stats": [], "inverses": []}
+    real_stats, real_inv = opt.curvature.update_statistics, opt.curvature.update_inverses
+    monkeypatch.setattr(
+        opt.curvature,
+        "update_statistics",
+        lambda *a, **k: (calls["stats"].append(opt.iteration + 1), real_stats(*a, **k))[1],
+    )
+    monkeypatch.setattr(
+        opt.curvature,
+        "update_inverses",
+        lambda *a, **k: (calls["inverses"].append(opt.iteration + 1), real_inv(*a, **k))[1],
+    )
+    for k in range(12):
+        train_step(model, opt, *batch(k))
+    assert calls == {"stats": [3, 6, 9, 12], "inverses": [4, 8, 12]}
+
+
+def test_initialize_averages_every_example_of_every_batch():
+    model = tiny_net()
+    opt = KFCPre(model, lr=0.01, stats_fraction=0.25, seed=2)
+    batches = [batch(s, n=8)[0] for s in (1, 2)]
+    opt.initialize(batches)
+    draws = torch.Generator().manual_seed(2)
+    expected = [batch_factors(model, x, sample_targets(model(x), draws)) for x in batches]
+    for name, block in opt.curvature.layers.items():
+        assert_close(block.omega, (expected[0][name][0] + expected[1][name][0]) / 2, what=f"Omega {name}")
+        assert_close(block.gamma, (expected[0][name][1] + expected[1][name][1]) / 2, what=f"Gamma {name}")
+    assert opt.initialized
+
+
+def test_clipping_bounds_nu_by_c():
+    model = tiny_net()
+    opt = KFCPre(model, lr=10.0, momentum=0.0, clip=1e-3, nu_fraction=1.0)
+    x, y = batch(3)
+    before = flat_params(model)
+    train_step(model, opt, x, y)
+    stats = opt.step_stats()
+    assert stats["clip_factor"].item() < 1.0
+    v = flat_params(model) - before
+    clipped_nu = v @ explicit_fisher(model_at(model, before), x) @ v
+    assert clipped_nu.item() == pytest.approx(1e-3, rel=1e-8)
+
+
+def model_at(model: nn.Module, flat: torch.Tensor) -> nn.Module:
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(flat, twin.parameters())
+    return twin
+
+
+def test_non_finite_factor_never_reaches_the_parameters():
+    model = tiny_net()
+    opt = KFCPre(model, lr=0.05, stats_every=100, inverse_every=2, clip=None)
+    train_step(model, opt, *batch(0))
+    opt.curvature.layers["0"].omega = torch.full_like(opt.curvature.layers["0"].omega, float("nan"))
+    with pytest.warns(RuntimeWarning, match="'0'.*keeping the previous inverse"):
+        train_step(model, opt, *batch(1))  # k = 2: inverses recomputed from the NaN factor
+    assert torch.isfinite(flat_params(model)).all()
+
+
+def test_step_needs_the_inputs():
+    model = tiny_net()
+    opt = KFCPre(model, lr=0.05)
+    model.zero_grad()
+    with torch.no_grad():
+        model(batch(0)[0])  # no gradient: not a training forward
+    with pytest.raises(RuntimeError, match="needs the mini-batch inputs"):
+        opt.step()
+
+
+def test_explicit_inputs_equal_remembered_inputs():
+    a, b = tiny_net(), tiny_net()
+    opt_a, opt_b = KFCPre(a, lr=0.05, seed=1), KFCPre(b, lr=0.05, seed=1)
+    for seed in range(3):
+        x, y = batch(seed)
+        train_step(a, opt_a, x, y)
+        opt_b.zero_grad()
+        F.cross_entropy(b(x), y).backward()
+        b.eval()
+        b(batch(99)[0])  # an evaluation forward in between must not matter
+        b.train()
+        opt_b.step(inputs=x)
+    assert torch.equal(flat_params(a), flat_params(b))
+
+
+# -- state ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("stop_after", [1, 4, 5])
+def test_state_dict_round_trip_resumes_bitwise(stop_after):
+    """Resume at any point, including between two inverse updates (T_f = 3)."""
+    settings = dict(lr=0.05, weight_decay=0.01, stats_every=2, inverse_every=3, avg_decay=0.8, seed=3)
+    model = tiny_net()
+    opt = KFCPre(model, **settings)
+    data = [batch(s) for s in range(8)]
+    for x, y in data[:stop_after]:
+        train_step(model, opt, x, y)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for x, y in data[stop_after:]:
+        train_step(model, opt, x, y)
+
+    resumed = tiny_net(seed=123)
+    resumed.load_state_dict(saved_model)
+    resumed_opt = KFCPre(resumed, **{**settings, "seed": 999})
+    resumed_opt.load_state_dict(saved_opt)
+    for x, y in data[stop_after:]:
+        train_step(resumed, resumed_opt, x, y)
+    assert torch.equal(flat_params(model), flat_params(resumed))
+    with opt.averaged_parameters(), resumed_opt.averaged_parameters():
+        assert torch.equal(flat_params(model), flat_params(resumed))
+    for name, block in opt.curvature.layers.items():
+        assert torch.equal(block.omega, resumed_opt.curvature.layers[name].omega)
+        assert torch.equal(block.omega_inv, resumed_opt.curvature.layers[name].omega_inv)
+
+
+def test_grad_is_left_as_the_user_computed_it():
+    model = tiny_net()
+    opt = KFCPre(model, lr=0.05, stats_every=1, inverse_every=1)
+    x, y = batch(0)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt.step()
+    for before, p in zip(grads, model.parameters(), strict=True):
+        assert torch.equal(before, p.grad)
