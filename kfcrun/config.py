@@ -103,6 +103,15 @@ def mapping_of_numbers(example: str) -> Rule:
     )
 
 
+def list_of(item: Rule, example: str) -> Rule:
+    """A non-empty list whose every entry satisfies ``item``."""
+    return Rule(
+        f"a non-empty list, each entry {item.allowed}",
+        lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(item.check(x) for x in v),
+        example,
+    )
+
+
 def device_rule() -> Rule:
     def check(v: Any) -> bool:
         if not isinstance(v, str):
@@ -151,6 +160,14 @@ COMMON_RULES: dict[str, Rule] = {
     "trainer.threads": integer(1, "2", optional=True),
     "trainer.progress": boolean(),
     "logger.tensorboard": boolean(),
+    "assumptions.num_examples": integer(1, "2000"),
+    "assumptions.batch_size": integer(1, "250"),
+    "assumptions.max_offset": integer(1, "4"),
+    "assumptions.feature_maps": list_of(integer(0, "0"), "[0,1,2]"),
+    "assumptions.poolings": list_of(choice("paper", "max", "avg"), "[paper,avg]"),
+    "assumptions.checkpoint_avg": text("outputs/<date>/<run>", optional=True),
+    "assumptions.train_iters": integer(1, "2000"),
+    "assumptions.mode": choice("eval", "train"),
 }
 
 OPTIMIZER_COMMON: dict[str, Rule] = {
@@ -281,6 +298,8 @@ def _validate_relations(values: Mapping[str, Any]) -> None:
         pass  # the assumptions task trains a network first when no checkpoint is given
     if values["checkpoint"] is not None:
         _require_run_dir("checkpoint", values["checkpoint"])
+    if values["task"] == "assumptions" and values.get("assumptions.checkpoint_avg") is not None:
+        _require_run_dir("assumptions.checkpoint_avg", values["assumptions.checkpoint_avg"])
 
 
 def _require_run_dir(key: str, value: str) -> None:

@@ -1,0 +1,1 @@
+"""Tests of the assumption study (paper Sec. 5.1, Figs. 1-2)."""
