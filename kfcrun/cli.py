@@ -35,14 +35,7 @@ CONFIG_GROUPS = ("dataset", "model", "optimizer", "trainer", "logger", "experime
 _RUN_UID = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
 
 
-def _slug(text: str) -> str:
-    """A directory-safe, bounded version of Hydra's override_dirname."""
-    slug = re.sub(r"[^A-Za-z0-9._=,+-]+", "_", text or "")
-    return slug[:80] or "base"
-
-
 OmegaConf.register_new_resolver("kfcrun_uid", lambda: _RUN_UID, replace=True)
-OmegaConf.register_new_resolver("kfcrun_slug", _slug, replace=True)
 
 #: Jobs of this process's sweep that stopped with a KfcrunError: (run dir, message).
 FAILED_JOBS: list[tuple[str, str]] = []

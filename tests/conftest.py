@@ -40,7 +40,7 @@ def run_cli(
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update({"KFCRUN_CACHE_DIR": str(cache), **env})
     return subprocess.run(
-        [sys.executable, "-m", "kfcrun", "trainer.progress=false", *args],
+        [sys.executable, "-m", "kfcrun", *args, "trainer.progress=false"],
         cwd=cwd,
         env=full_env,
         capture_output=True,
