@@ -14,6 +14,7 @@ running statistics are updated on copies, so the model is unchanged.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -41,7 +42,10 @@ def fisher_quadratic(model: nn.Module, inputs: Tensor, tangents: Mapping[str, Te
         scratch = {name: b.detach().clone() for name, b in buffers.items()}
         return functional_call(model, (parameters, scratch), (inputs,))
 
-    logits, jv = jvp(logits_of, (params,), (directions,))
+    with warnings.catch_warnings():
+        # torch.func scripts a helper of its own on first use; the deprecation is torch's, not ours
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        logits, jv = jvp(logits_of, (params,), (directions,))
     dtype = torch.promote_types(logits.dtype, torch.float32)  # no half-precision sums
     probs = torch.softmax(logits.to(dtype), dim=1)
     jv = jv.to(dtype)

@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""Step-time benchmark: SGD vs KFC-pre on the cuda-convnet CIFAR-10 network.
+
+For each batch size, in the same process and on the same device:
+
+* the median time of an SGD step (forward, backward, update, averaging);
+* KFC-pre at the configured ``T_s``/``T_f`` (defaults: ``configs/optimizer/kfc_pre.yaml``):
+  the median step, the AMORTIZED step (mean over whole ``lcm(T_s, T_f)`` cycles, which
+  is what an epoch costs), and the seconds per step spent in each phase (statistics,
+  inverses, preconditioning, ``nu``);
+* the ratio KFC-pre / SGD, and peak memory (CUDA: peak allocated; CPU: the growth of
+  the process's peak resident set over the model-only baseline, measured in a fresh
+  subprocess per configuration).
+
+Inputs are random tensors with the scale of mean-subtracted CIFAR-10 pixels on the
+0-255 scale (std ~60); the timings do not depend on the values. Example::
+
+    python scripts/bench_step.py                       # batch 128 and 512, CPU or CUDA
+    python scripts/bench_step.py --batch-sizes 512 --stats-fraction 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import platform
+import resource
+import statistics
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from kfcrun.models import build_model
+from kfcrun.optim import SGD, KFCPre, averaging_decay, build_param_groups
+
+PHASES = ("statistics", "inverses", "precondition", "nu")
+
+
+def kfc_defaults() -> dict[str, Any]:
+    text = resources.files("kfcrun.configs").joinpath("optimizer/kfc_pre.yaml").read_text()
+    return OmegaConf.to_container(OmegaConf.create(text))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_optimizer(
+    name: str, model: torch.nn.Module, batch: int, opts: dict[str, Any]
+) -> torch.optim.Optimizer:
+    decay = averaging_decay(batch, 50_000)
+    if name == "sgd":
+        groups = build_param_groups(
+            model, 0.003, weight_decay=0.004, layer_weight_decay={"fc10": 1.0}, bias_lr_scale=2.0
+        )
+        return SGD(groups, lr=0.003, momentum=0.9, avg_decay=decay)
+    return KFCPre(
+        model,
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=0.004,
+        layer_weight_decay={"fc10": 1.0},
+        damping=opts["damping"],
+        stats_every=opts["stats_every"],
+        inverse_every=opts["inverse_every"],
+        stats_fraction=opts["stats_fraction"],
+        nu_fraction=opts["nu_fraction"],
+        clip=opts["clip"],
+        avg_decay=decay,
+    )
+
+
+def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters: int, warmup: int) -> dict:
+    """Time ``iters`` steps after ``warmup`` steps (in its own process, for a clean peak-memory reading)."""
+    device = torch.device(device_name)
+    torch.manual_seed(0)
+    if opts.get("threads"):
+        torch.set_num_threads(opts["threads"])
+    model = build_model("cuda_convnet").to(device)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (
+            torch.randn(batch, 3, 32, 32, generator=g).mul_(60).to(device),
+            torch.randint(0, 10, (batch,), generator=g).to(device),
+        )
+        for _ in range(4)
+    ]
+    synchronize(device)
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    opt = make_optimizer(name, model, batch, opts)
+    if isinstance(opt, KFCPre):
+        opt.initialize([data[0][0]])
+
+    def step(i: int) -> float:
+        x, y = data[i % len(data)]
+        synchronize(device)
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        synchronize(device)
+        return time.perf_counter() - start
+
+    for i in range(warmup):
+        step(i)
+    phases_before = dict(opt.phase_times) if isinstance(opt, KFCPre) else {}
+    times = [step(warmup + i) for i in range(iters)]
+    result = {
+        "optimizer": name,
+        "batch_size": batch,
+        "iters": iters,
+        "median_s": statistics.median(times),
+        "mean_s": statistics.fmean(times),
+    }
+    if isinstance(opt, KFCPre):
+        after = opt.phase_times
+        for phase in PHASES:
+            key = f"kfc_{phase}_s"
+            result[f"{phase}_s_per_step"] = (after[key] - phases_before.get(key, 0.0)) / iters
+    if device.type == "cuda":
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # ru_maxrss is in KiB on Linux
+        result["peak_memory_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
+    return result
+
+
+def _child(queue: mp.Queue, args: tuple) -> None:
+    queue.put(measure(*args))
+
+
+def run_isolated(*args: Any) -> dict:
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    defaults = kfc_defaults()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--cycles", type=int, default=2, help="whole lcm(T_s, T_f) cycles to time for KFC-pre"
+    )
+    parser.add_argument("--sgd-iters", type=int, default=20)
+    parser.add_argument("--stats-every", type=int, default=defaults["stats_every"])
+    parser.add_argument("--inverse-every", type=int, default=defaults["inverse_every"])
+    parser.add_argument("--stats-fraction", type=float, default=defaults["stats_fraction"])
+    parser.add_argument("--nu-fraction", type=float, default=defaults["nu_fraction"])
+    parser.add_argument("--damping", type=float, default=defaults["damping"])
+    parser.add_argument("--no-clip", action="store_true", help="disable clipping (and so nu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench_step.json"))
+    args = parser.parse_args()
+
+    opts = {
+        "stats_every": args.stats_every,
+        "inverse_every": args.inverse_every,
+        "stats_fraction": args.stats_fraction,
+        "nu_fraction": args.nu_fraction,
+        "damping": args.damping,
+        "clip": None if args.no_clip else defaults["clip"],
+        "threads": args.threads,
+    }
+    cycle = math.lcm(args.stats_every, args.inverse_every)
+    rows = []
+    for batch in args.batch_sizes:
+        sgd = run_isolated("sgd", batch, args.device, opts, args.sgd_iters, 3)
+        # warm up for one full cycle so every phase has run once before timing
+        kfc = run_isolated("kfc_pre", batch, args.device, opts, cycle * args.cycles, cycle)
+        rows.append(
+            {
+                "batch_size": batch,
+                "sgd": sgd,
+                "kfc_pre": kfc,
+                "ratio_median": kfc["median_s"] / sgd["median_s"],
+                "ratio_amortized": kfc["mean_s"] / sgd["median_s"],
+            }
+        )
+
+    device_desc = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    )
+    print(
+        f"device: {args.device} ({device_desc}), torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"KFC-pre: T_s={args.stats_every} T_f={args.inverse_every} stats_fraction={args.stats_fraction} "
+        f"nu_fraction={args.nu_fraction} clip={opts['clip']}"
+    )
+    header = (
+        f"{'batch':>5} {'SGD ms':>8} {'KFC med ms':>10} {'KFC amort ms':>12} {'ratio':>6} "
+        f"{'stats':>7} {'inv':>7} {'precond':>7} {'nu':>7} {'SGD MB':>7} {'KFC MB':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        sgd, kfc = row["sgd"], row["kfc_pre"]
+        phases = " ".join(f"{1000 * kfc[f'{p}_s_per_step']:7.1f}" for p in PHASES)
+        print(
+            f"{row['batch_size']:>5} {1000 * sgd['median_s']:8.1f} {1000 * kfc['median_s']:10.1f} "
+            f"{1000 * kfc['mean_s']:12.1f} {row['ratio_amortized']:6.2f} {phases} "
+            f"{sgd['peak_memory_mb']:7.0f} {kfc['peak_memory_mb']:7.0f}"
+        )
+    print("phase columns: ms per step, amortized over the timed cycles; ratio = KFC amortized / SGD median")
+
+    payload = {
+        "device": args.device,
+        "device_name": device_desc,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "kfc_settings": opts,
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
