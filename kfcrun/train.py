@@ -185,6 +185,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     def checkpoint() -> None:
         nonlocal last_checkpoint
+        # Never overwrite the last good checkpoint with parameters that already diverged.
+        if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
+            raise TrainingDivergedError(
+                f"parameters became non-finite by iteration {iteration}; "
+                f"{_where(last_checkpoint)}; fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
+            )
         save_checkpoint(
             ckpt_file,
             {
@@ -337,19 +343,22 @@ def _check_finite(
         return
     first_bad = iteration - len(losses) + 1 + int((~finite).nonzero()[0])
     value = losses[~finite][0].item()
-    if last_checkpoint is None:
-        where = "no checkpoint was written before it"
-    else:
-        where = f"the last good checkpoint is {last_checkpoint[1]} (iteration {last_checkpoint[0]})"
-    knob = (
-        "raise optimizer.damping or lower optimizer.lr"
-        if cfg.optimizer.name == "kfc_pre"
-        else "lower optimizer.lr"
-    )
     raise TrainingDivergedError(
-        f"training loss became {value} at iteration {first_bad}; {where}; "
-        f"fix: {knob} (now lr={cfg.optimizer.lr}) and start again"
+        f"training loss became {value} at iteration {first_bad}; {_where(last_checkpoint)}; "
+        f"fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
     )
+
+
+def _where(last_checkpoint: tuple[int, Path] | None) -> str:
+    if last_checkpoint is None:
+        return "no checkpoint was written before it"
+    return f"the last good checkpoint is {last_checkpoint[1]} (iteration {last_checkpoint[0]})"
+
+
+def _knob(cfg: DictConfig) -> str:
+    if cfg.optimizer.name == "kfc_pre":
+        return "raise optimizer.damping or lower optimizer.lr"
+    return "lower optimizer.lr"
 
 
 def _pct(value: float | None) -> str:

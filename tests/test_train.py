@@ -175,3 +175,31 @@ def test_diverging_cli_run_prints_one_line_and_exits_nonzero(tmp_path: Path, cac
         and "training loss became" in error_lines[0]
         and "lower optimizer.lr" in error_lines[0]
     )
+
+
+def test_diverged_parameters_never_overwrite_the_last_checkpoint(
+    tmp_path: Path, cache_dir: Path, monkeypatch
+):
+    real_build = train_module.build_optimizer
+
+    def build_poisoned(*args, **kwargs):
+        optimizer = real_build(*args, **kwargs)
+        real_step = optimizer.step
+
+        def step(*a, **k):
+            out = real_step(*a, **k)
+            if optimizer.iteration == 15:  # the loss of this step was finite; the update is not
+                with torch.no_grad():
+                    next(iter(optimizer.param_groups[0]["params"])).fill_(float("inf"))
+            return out
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", build_poisoned)
+    cfg = smoke_config(cache_dir, "trainer.checkpoint_every=5", "trainer.eval_every=100")
+    with pytest.raises(
+        TrainingDivergedError, match=r"parameters became non-finite by iteration 15.*iteration 10"
+    ):
+        train_module.train(cfg, tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 10
