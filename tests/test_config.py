@@ -110,3 +110,10 @@ def test_cli_refuses_before_writing_anything(tmp_path: Path, cache_dir: Path):
 def test_cli_shows_the_traceback_with_hydra_full_error(tmp_path: Path, cache_dir: Path):
     result = run_cli(["experiment=nope"], cwd=tmp_path, cache=cache_dir, HYDRA_FULL_ERROR="1")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_lr_grid_sweep_is_the_papers_grid():
+    cfg = _compose(["experiment=cifar10_kfc", "+sweep=lr_grid"])
+    grid = [float(v) for v in cfg.hydra.sweeper.params["optimizer.lr"].split(",")]
+    assert grid == [0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003]
+    preflight(["-m", "experiment=cifar10_kfc", "+sweep=lr_grid"])
