@@ -93,8 +93,24 @@ def test_training_clock_excludes_evaluation(tmp_path: Path, cache_dir: Path, mon
     assert rows[-1]["elapsed_s"] > 1000.0 * 4 * (len(rows) - 1)
 
 
-def test_killed_run_resumes_bitwise(tmp_path: Path, cache_dir: Path):
-    args = ["experiment=smoke", "trainer.max_iters=40", "trainer.eval_every=5", "trainer.checkpoint_every=10"]
+KFC_SMOKE = [
+    "optimizer=kfc_pre",
+    "optimizer.init_examples=128",
+    "optimizer.stats_every=2",
+    "optimizer.inverse_every=4",
+]
+
+
+@pytest.mark.parametrize("optimizer", [[], KFC_SMOKE], ids=["sgd", "kfc_pre"])
+def test_killed_run_resumes_bitwise(tmp_path: Path, cache_dir: Path, optimizer: list[str]):
+    """For KFC-pre the checkpoints (every 10) fall between inverse updates (every 4)."""
+    args = [
+        "experiment=smoke",
+        "trainer.max_iters=40",
+        "trainer.eval_every=5",
+        "trainer.checkpoint_every=10",
+        *optimizer,
+    ]
     reference = tmp_path / "reference"
     assert run_cli([*args, f"hydra.run.dir={reference}"], cwd=tmp_path, cache=cache_dir).returncode == 0
 
@@ -122,6 +138,10 @@ def test_killed_run_resumes_bitwise(tmp_path: Path, cache_dir: Path):
     assert final_res["iteration"] == final_ref["iteration"] == 40
     for name, tensor in final_ref["model"].items():
         assert torch.equal(tensor, final_res["model"][name]), f"parameter {name} differs after resume"
+    if optimizer:
+        for name, block in final_ref["optimizer"]["curvature"]["layers"].items():
+            for key in ("omega", "gamma", "omega_inv", "gamma_inv"):
+                assert torch.equal(block[key], final_res["optimizer"]["curvature"]["layers"][name][key]), key
     for index, state in final_ref["optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(value, final_res["optimizer"]["state"][index][key]), (
