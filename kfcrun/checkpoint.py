@@ -27,6 +27,13 @@ def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
 
 
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint file a run directory (or a checkpoint file itself) points to, if it exists."""
+    path = Path(path).expanduser()
+    target = path if path.is_file() else checkpoint_path(path)
+    return target if target.is_file() else None
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     """``torch.save`` to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)

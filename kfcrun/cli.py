@@ -142,6 +142,18 @@ def _compose(overrides: list[str]) -> DictConfig:
         ) from err
 
 
+def compose_run_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The validated run config for ``overrides``, as ``kfcrun <overrides>`` would run it (no ``hydra`` node).
+
+    For scripts and notebooks that want an experiment's settings without running Hydra.
+    """
+    cfg = _compose(list(overrides))
+    _validate(cfg)
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    return OmegaConf.create(container)
+
+
 def _validate(cfg: DictConfig) -> None:
     from kfcrun.config import validate_config
 
@@ -158,19 +170,11 @@ def _validate_layer_names(cfg: DictConfig) -> None:
         return
     import torch
 
-    from kfcrun.models import build_model
+    from kfcrun.models import model_from_config
     from kfcrun.optim.param_groups import layer_weight_decays
 
     with torch.device("meta"):
-        model = build_model(
-            cfg.model.name,
-            num_classes=cfg.dataset.num_classes,
-            in_channels=cfg.dataset.channels,
-            image_size=cfg.dataset.image_size,
-            batch_norm=cfg.model.batch_norm,
-            pooling=cfg.model.pooling,
-            dropout=cfg.model.dropout,
-        )
+        model = model_from_config(cfg.model, cfg.dataset)
     layer_weight_decays(model, 0.0, dict(cfg.optimizer.layer_weight_decay))
 
 

@@ -303,11 +303,10 @@ def _validate_relations(values: Mapping[str, Any]) -> None:
 
 
 def _require_run_dir(key: str, value: str) -> None:
-    from kfcrun.checkpoint import checkpoint_path
+    from kfcrun.checkpoint import checkpoint_path, find_checkpoint
 
-    path = Path(value).expanduser()
-    target = path if path.is_file() else checkpoint_path(path)
-    if not target.is_file():
+    if find_checkpoint(value) is None:
+        target = checkpoint_path(Path(value).expanduser())
         raise ConfigError(
             f"config error: {key}={value} has no checkpoint ({target} not found); allowed: a run directory "
             "with checkpoints/last.pt or a checkpoint file; fix: point to an existing run, e.g. "

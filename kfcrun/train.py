@@ -36,7 +36,7 @@ from kfcrun.data import DeviceBatches, ImageData, Preprocessor, load_dataset
 from kfcrun.errors import ConfigError, TrainingDivergedError
 from kfcrun.evaluate import evaluate
 from kfcrun.logging import MetricsLogger, run_record, truncate_metrics, write_json
-from kfcrun.models import build_model
+from kfcrun.models import model_from_config
 from kfcrun.optim import build_optimizer
 from kfcrun.optim.constraints import apply_max_norm
 
@@ -144,15 +144,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     max_iters = total_iterations(cfg, batches.batches_per_epoch)
 
     # ---- model and optimizer ----------------------------------------------------------------
-    model = build_model(
-        cfg.model.name,
-        num_classes=cfg.dataset.num_classes,
-        in_channels=cfg.dataset.channels,
-        image_size=cfg.dataset.image_size,
-        batch_norm=cfg.model.batch_norm,
-        pooling=cfg.model.pooling,
-        dropout=cfg.model.dropout,
-    ).to(device)
+    model = model_from_config(cfg.model, cfg.dataset).to(device)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.trainer.batch_size, seed=cfg.seed)
 
     # ---- resume, or start fresh ---------------------------------------------------------------

@@ -4,7 +4,7 @@
 For each batch size, in the same process and on the same device:
 
 * the median time of an SGD step (forward, backward, update, averaging);
-* KFC-pre at the configured ``T_s``/``T_f`` (defaults: ``configs/optimizer/kfc_pre.yaml``):
+* KFC-pre at the configured ``T_s``/``T_f`` (defaults: those of ``experiment=cifar10_kfc``):
   the median step, the AMORTIZED step (mean over whole ``lcm(T_s, T_f)`` cycles, which
   is what an epoch costs), and the seconds per step spent in each phase (statistics,
   inverses, preconditioning, ``nu``);
@@ -30,53 +30,36 @@ import resource
 import statistics
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 
+from kfcrun.cli import compose_run_config
 from kfcrun.models import build_model
-from kfcrun.optim import SGD, KFCPre, averaging_decay, build_param_groups
+from kfcrun.optim import KFCPre, build_optimizer
 
 PHASES = ("statistics", "inverses", "precondition", "nu")
+#: KFC-pre settings that set its cost (App. A.3), overridable from the command line.
+KFC_KNOBS = ("stats_every", "inverse_every", "stats_fraction", "nu_fraction", "clip")
 
 
-def kfc_defaults() -> dict[str, Any]:
-    text = resources.files("kfcrun.configs").joinpath("optimizer/kfc_pre.yaml").read_text()
-    return OmegaConf.to_container(OmegaConf.create(text))
+def run_config(optimizer: str, batch: int, opts: dict[str, Any]) -> DictConfig:
+    """The experiment's own config (cifar10_sgd or cifar10_kfc) at this batch size, with the cost knobs."""
+    overrides = [
+        f"experiment={'cifar10_sgd' if optimizer == 'sgd' else 'cifar10_kfc'}",
+        f"trainer.batch_size={batch}",
+    ]
+    if optimizer == "kfc_pre":
+        overrides += [f"optimizer.{key}={opts[key]}" for key in KFC_KNOBS]
+    return compose_run_config(overrides)
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def make_optimizer(
-    name: str, model: torch.nn.Module, batch: int, opts: dict[str, Any]
-) -> torch.optim.Optimizer:
-    decay = averaging_decay(batch, 50_000)
-    if name == "sgd":
-        groups = build_param_groups(
-            model, 0.003, weight_decay=0.004, layer_weight_decay={"fc10": 1.0}, bias_lr_scale=2.0
-        )
-        return SGD(groups, lr=0.003, momentum=0.9, avg_decay=decay)
-    return KFCPre(
-        model,
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=0.004,
-        layer_weight_decay={"fc10": 1.0},
-        damping=opts["damping"],
-        stats_every=opts["stats_every"],
-        inverse_every=opts["inverse_every"],
-        stats_fraction=opts["stats_fraction"],
-        nu_fraction=opts["nu_fraction"],
-        clip=opts["clip"],
-        avg_decay=decay,
-    )
 
 
 def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters: int, warmup: int) -> dict:
@@ -98,7 +81,7 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    opt = make_optimizer(name, model, batch, opts)
+    opt = build_optimizer(run_config(name, batch, opts).optimizer, model, batch)
     if isinstance(opt, KFCPre):
         opt.initialize([data[0][0]])
 
@@ -150,7 +133,7 @@ def run_isolated(*args: Any) -> dict:
 
 
 def main() -> None:
-    defaults = kfc_defaults()
+    defaults = compose_run_config(["experiment=cifar10_kfc"]).optimizer
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -162,7 +145,6 @@ def main() -> None:
     parser.add_argument("--inverse-every", type=int, default=defaults["inverse_every"])
     parser.add_argument("--stats-fraction", type=float, default=defaults["stats_fraction"])
     parser.add_argument("--nu-fraction", type=float, default=defaults["nu_fraction"])
-    parser.add_argument("--damping", type=float, default=defaults["damping"])
     parser.add_argument("--no-clip", action="store_true", help="disable clipping (and so nu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_step.json"))
@@ -173,8 +155,7 @@ def main() -> None:
         "inverse_every": args.inverse_every,
         "stats_fraction": args.stats_fraction,
         "nu_fraction": args.nu_fraction,
-        "damping": args.damping,
-        "clip": None if args.no_clip else defaults["clip"],
+        "clip": "null" if args.no_clip else defaults["clip"],
         "threads": args.threads,
     }
     cycle = math.lcm(args.stats_every, args.inverse_every)

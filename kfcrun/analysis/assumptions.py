@@ -66,7 +66,7 @@ from kfcrun.analysis.correlations import (
     mean_abs_offcentre,
 )
 from kfcrun.analysis.heatmaps import LayerPanel, plot_correlation_grid
-from kfcrun.checkpoint import checkpoint_path, load_checkpoint
+from kfcrun.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint
 from kfcrun.curvature.capture import ActivationCapture
 from kfcrun.curvature.factors import preserved_buffers
 from kfcrun.curvature.fisher import nll_sum, sample_targets
@@ -233,29 +233,21 @@ def _select(container: Mapping[str, Any], dotted: str) -> Any:
 
 
 def _checkpoint_file(key: str, value: str) -> Path:
-    path = Path(value).expanduser()
-    target = path if path.is_file() else checkpoint_path(path)
-    if not target.is_file():
+    target = find_checkpoint(value)
+    if target is None:
         raise CheckpointError(
-            f"{key}={value}: no checkpoint at {target}; fix: {key}=<a run directory with "
-            "checkpoints/last.pt, or a checkpoint file>, or leave it null to train a network first"
+            f"{key}={value}: no checkpoint at {checkpoint_path(Path(value).expanduser())}; "
+            f"fix: {key}=<a run directory with checkpoints/last.pt, or a checkpoint file>, "
+            "or leave it null to train a network first"
         )
     return target
 
 
 def build_network(settings: Mapping[str, Any], cfg: DictConfig) -> nn.Module:
     """The network ``settings`` (a ``model`` config section) describes, for ``cfg``'s dataset."""
-    from kfcrun.models import build_model
+    from kfcrun.models import model_from_config
 
-    return build_model(
-        settings["name"],
-        num_classes=cfg.dataset.num_classes,
-        in_channels=cfg.dataset.channels,
-        image_size=cfg.dataset.image_size,
-        batch_norm=bool(settings.get("batch_norm", False)),
-        pooling=str(settings.get("pooling", "paper")),
-        dropout=bool(settings.get("dropout", True)),
-    )
+    return model_from_config(settings, cfg.dataset)
 
 
 def load_network(cfg: DictConfig, key: str, value: str) -> Network:

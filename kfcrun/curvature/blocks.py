@@ -259,24 +259,12 @@ class Conv2dBlock(KroneckerBlock):
 
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
         conv: nn.Conv2d = self.module  # type: ignore[assignment]
-        if self.approx == "sua":
-            return kron_math.conv_omega_sua(
-                self._batched(inp),
-                conv.kernel_size,
-                stride=conv.stride,
-                padding=self.padding,
-                dilation=conv.dilation,
-                homogeneous=self.has_bias,
-            )
-        return kron_math.conv_omega(
-            self._batched(inp),
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=self.padding,
-            dilation=conv.dilation,
-            homogeneous=self.has_bias,
-            chunk_size=chunk_size,
+        geometry = dict(
+            stride=conv.stride, padding=self.padding, dilation=conv.dilation, homogeneous=self.has_bias
         )
+        if self.approx == "sua":
+            return kron_math.conv_omega_sua(self._batched(inp), conv.kernel_size, **geometry)
+        return kron_math.conv_omega(self._batched(inp), conv.kernel_size, chunk_size=chunk_size, **geometry)
 
 
 def make_block(name: str, module: nn.Module, approx: str = "kfc") -> KroneckerBlock:

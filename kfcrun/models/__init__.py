@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from torch import nn
 
 from kfcrun.models.cuda_convnet import CudaConvnetCifar10
@@ -40,4 +43,24 @@ def build_model(
     return MODELS[name](**kwargs)
 
 
-__all__ = ["MODELS", "CudaConvnetCifar10", "SpatialResponseNorm", "SrivastavaSVHNNet", "build_model"]
+def model_from_config(model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> nn.Module:
+    """The network a ``model`` config section describes, shaped for a ``dataset`` section."""
+    return build_model(
+        model_cfg["name"],
+        num_classes=dataset_cfg["num_classes"],
+        in_channels=dataset_cfg["channels"],
+        image_size=dataset_cfg["image_size"],
+        batch_norm=bool(model_cfg.get("batch_norm", False)),
+        pooling=str(model_cfg.get("pooling", "paper")),
+        dropout=bool(model_cfg.get("dropout", True)),
+    )
+
+
+__all__ = [
+    "MODELS",
+    "CudaConvnetCifar10",
+    "SpatialResponseNorm",
+    "SrivastavaSVHNNet",
+    "build_model",
+    "model_from_config",
+]
