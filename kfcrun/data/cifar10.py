@@ -173,7 +173,7 @@ def read_official(folder: Path, root: Path) -> ImageData:
         test_labels=test_labels,
         classes=classes,
         name="cifar10",
-        source=f"CIFAR-10 (official python batches) at {folder}",
+        source=f"CIFAR-10 (official python batches) at {Path(folder).resolve()}",
     )
 
 
@@ -218,7 +218,12 @@ def read_image_folder(
         )
     suffixes = {os.path.splitext(p)[1].lower() for p in [*train[1], *test[1]]}
     kind = "(JPEG export) image folder" if suffixes <= {".jpg", ".jpeg"} else "image folder"
-    return ImageData(**tensors, classes=CIFAR10_CLASSES, name="cifar10", source=f"CIFAR-10 {kind} at {root}")
+    return ImageData(
+        **tensors,
+        classes=CIFAR10_CLASSES,
+        name="cifar10",
+        source=f"CIFAR-10 {kind} at {Path(root).resolve()}",
+    )
 
 
 def _unpickle(path: Path, root: Path) -> dict:

@@ -106,7 +106,7 @@ def read_official(root: Path, *, use_extra: bool = False, progress: bool = True)
         test_labels=arrays["test"][1],
         classes=SVHN_CLASSES,
         name="svhn",
-        source=f"SVHN (official .mat files, {parts} / test) at {root}",
+        source=f"SVHN (official .mat files, {parts} / test) at {Path(root).resolve()}",
     )
 
 
