@@ -19,6 +19,10 @@ Modes:
 
 ``start_iter`` (both modes): for ``k <= start_iter`` the average is reset to the current
 iterate, so averaging effectively begins after ``start_iter`` updates.
+
+Only parameters are averaged. Buffers such as BatchNorm running statistics are not: a BN
+network evaluated with averaged parameters uses the running statistics gathered along
+the current iterates (the paper does not say what it did).
 """
 
 from __future__ import annotations
