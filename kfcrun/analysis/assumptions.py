@@ -66,6 +66,7 @@ from kfcrun.analysis.correlations import (
     mean_abs_offcentre,
 )
 from kfcrun.analysis.heatmaps import LayerPanel, plot_correlation_grid
+from kfcrun.analysis.runs import cfg_get
 from kfcrun.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint
 from kfcrun.curvature.capture import ActivationCapture
 from kfcrun.curvature.factors import preserved_buffers
@@ -223,15 +224,6 @@ class Network:
     settings: dict[str, Any]  # model config it was built from
 
 
-def _select(container: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = container
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def _checkpoint_file(key: str, value: str) -> Path:
     target = find_checkpoint(value)
     if target is None:
@@ -273,7 +265,7 @@ def load_network(cfg: DictConfig, key: str, value: str) -> Network:
     ours = OmegaConf.to_container(cfg, resolve=True)
     if isinstance(saved, Mapping):
         for dotted in MATCHING_KEYS:
-            theirs, mine = _select(saved, dotted), _select(ours, dotted)
+            theirs, mine = cfg_get(saved, dotted), cfg_get(ours, dotted)
             if theirs is not None and theirs != mine:
                 raise ConfigError(
                     f"config error: {key}={value} holds a network trained with {dotted}={theirs}, but this "
