@@ -17,7 +17,7 @@ where both positions are inside the map. For ``DS`` uncentered = centered, becau
 ``E[DS] = 0`` under the model's distribution; for the activations the uncentered
 version is what Fig. 2 shows.
 
-How ``DS`` is obtained (paper Sec. 2.2, 3.1; ``/work/shared/KFC-MATH.md``): per batch, a
+How ``DS`` is obtained (paper Sec. 2.2, 3.1): per batch, a
 forward pass records each conv layer's input and output
 (:class:`~kfcrun.curvature.capture.ActivationCapture`), targets are SAMPLED from the
 model's predictive distribution ``y ~ softmax(logits)`` with a seeded generator, and

@@ -1,6 +1,6 @@
 """Kronecker-factored curvature for convolution (KFC, Grosse & Martens 2016).
 
-Knows nothing about learning rates or momentum. Conventions (``/work/shared/KFC-MATH.md``):
+Knows nothing about learning rates or momentum. Conventions (paper Sec. 2-3, App. A):
 homogeneous coordinate at index 0, columns after it in ``weight.flatten(1)`` order,
 ``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` (summed over output positions, divided by M),
 ``Gamma_hat = 1/(M|T|) DS^T DS``, Fisher block ``Omega ⊗ Gamma`` with column-stacking vec.

@@ -1,8 +1,7 @@
 """Pure tensor math for KFC: patch expansion, factor estimates, damping, Kronecker solves.
 
 No modules, hooks or state live here; every function maps tensors to tensors.
-Notation and equation numbers follow Grosse & Martens (2016) and
-``/work/shared/KFC-MATH.md``:
+Notation and equation numbers follow Grosse & Martens (2016):
 
 * ``[[A]]`` (Eqn 14): the expansion of a layer's input, one row per **output**
   position, ``J|Δ|`` columns in ``weight.flatten(1)`` order (input channel major,
