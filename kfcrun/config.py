@@ -191,6 +191,7 @@ OPTIMIZER_RULES: dict[str, dict[str, Rule]] = {
         "optimizer.stat_decay": number("0.95", ge=0, lt=1),
         "optimizer.stats_every": integer(1, "10"),
         "optimizer.inverse_every": integer(1, "20"),
+        "optimizer.refresh_until": integer(0, "0"),
         "optimizer.clip": number("0.3", gt=0, optional=True),
         "optimizer.nu_fraction": number("0.25", gt=0, le=1),
         "optimizer.stats_fraction": number("0.25", gt=0, le=1),

@@ -81,6 +81,10 @@ def test_paper_settings_of_the_baselines():
         (["resume=/nonexistent/run"], r"resume=/nonexistent/run has no checkpoint"),
         (["+optimizer.layer_weight_decay.fc11=1"], r"unknown layer\(s\) \['fc11'\]"),
         (["optimizer.lr=0.1,0.2"], r"lists several values but this is a single run; fix: add -m"),
+        (
+            ["optimizer=kfc_pre", "optimizer.refresh_until=-1"],
+            r"optimizer\.refresh_until=-1 is out of range; allowed: an integer >= 0",
+        ),
     ],
 )
 def test_bad_settings_are_refused_with_one_line(overrides, expected):

@@ -55,6 +55,7 @@ def build_optimizer(
             stat_decay=cfg["stat_decay"],
             stats_every=cfg["stats_every"],
             inverse_every=cfg["inverse_every"],
+            refresh_until=cfg["refresh_until"],
             clip=cfg["clip"],
             nu_fraction=cfg["nu_fraction"],
             stats_fraction=cfg["stats_fraction"],

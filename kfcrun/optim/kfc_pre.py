@@ -75,6 +75,10 @@ class KFCPre(torch.optim.Optimizer):
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
         stats_every: ``T_s``, iterations between statistics updates.
         inverse_every: ``T_f``, iterations between inverse updates.
+        refresh_until: for iterations ``k <= refresh_until`` update the statistics and the
+            inverses every iteration, whatever ``T_s``/``T_f`` say. Early on the parameters,
+            and with them the curvature, change fastest, and factors that are ``T_s``/``T_f``
+            iterations stale mis-scale the step. 0 (default) is Algorithm 1 exactly.
         clip: ``C`` of the update clipping; ``None`` disables clipping (and ``nu``).
         nu_fraction: fraction of the mini-batch whose exact Fisher estimates ``nu`` (paper: 1/4).
         stats_fraction: fraction of the mini-batch used for the factor statistics (the
@@ -105,6 +109,7 @@ class KFCPre(torch.optim.Optimizer):
         stat_decay: float = 0.95,
         stats_every: int = 10,
         inverse_every: int = 20,
+        refresh_until: int = 0,
         clip: float | None = 0.3,
         nu_fraction: float = 0.25,
         stats_fraction: float = 1.0,
@@ -118,8 +123,10 @@ class KFCPre(torch.optim.Optimizer):
         chunk_size: int | None = None,
         inverse_dtype: torch.dtype | None = torch.float64,
     ) -> None:
-        if lr <= 0 or damping <= 0 or stats_every < 1 or inverse_every < 1:
-            raise ValueError("lr and damping must be > 0, stats_every and inverse_every >= 1")
+        if lr <= 0 or damping <= 0 or stats_every < 1 or inverse_every < 1 or refresh_until < 0:
+            raise ValueError(
+                "lr and damping must be > 0, stats_every and inverse_every >= 1, refresh_until >= 0"
+            )
         if not 0.0 < nu_fraction <= 1.0:
             raise ValueError(f"nu_fraction must be in (0, 1], got {nu_fraction}")
         if fisher not in FISHER_CHOICES:
@@ -142,6 +149,7 @@ class KFCPre(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "momentum": momentum})
 
         self.damping, self.stats_every, self.inverse_every = damping, stats_every, inverse_every
+        self.refresh_until = refresh_until
         self.clip, self.nu_fraction, self.decay_biases = clip, nu_fraction, decay_biases
         self.fisher, self.precondition_enabled = fisher, precondition
         self.curvature = KFCCurvature(
@@ -257,15 +265,17 @@ class KFCPre(torch.optim.Optimizer):
             )
         k = self.iteration + 1
 
-        # 1. curvature: statistics every T_s, inverses every T_f (Algorithm 1)
+        # 1. curvature: statistics every T_s, inverses every T_f (Algorithm 1), every
+        #    iteration during the optional refresh warm-up
         if self.precondition_enabled:
             if not self.initialized:
                 self._update_statistics(inputs, targets, init=True)
                 self._update_inverses()
             else:
-                if k % self.stats_every == 0:
+                fresh = k <= self.refresh_until
+                if fresh or k % self.stats_every == 0:
                     self._update_statistics(inputs, targets, init=False)
-                if k % self.inverse_every == 0:
+                if fresh or k % self.inverse_every == 0:
                     self._update_inverses()
 
         # 2. v = -alpha * preconditioned gradient of h (mean loss + L2 term)

@@ -261,9 +261,16 @@ def test_batch_norm_parameters_take_plain_sgd_steps():
     assert model[0].bias is None and opt.curvature.layers["0"].omega.shape == (18, 18)
 
 
-def test_statistics_and_inverses_follow_the_periods(monkeypatch):
+@pytest.mark.parametrize(
+    ("refresh_until", "expected"),
+    [
+        (0, {"stats": [3, 6, 9, 12], "inverses": [4, 8, 12]}),
+        (5, {"stats": [1, 2, 3, 4, 5, 6, 9, 12], "inverses": [1, 2, 3, 4, 5, 8, 12]}),
+    ],
+)
+def test_statistics_and_inverses_follow_the_periods(monkeypatch, refresh_until, expected):
     model = tiny_net()
-    opt = KFCPre(model, lr=0.01, stats_every=3, inverse_every=4, clip=None)
+    opt = KFCPre(model, lr=0.01, stats_every=3, inverse_every=4, refresh_until=refresh_until, clip=None)
     opt.initialize([batch(0)[0]])
     calls = {"stats": [], "inverses": []}
     real_stats, real_inv = opt.curvature.update_statistics, opt.curvature.update_inverses
@@ -279,7 +286,7 @@ def test_statistics_and_inverses_follow_the_periods(monkeypatch):
     )
     for k in range(12):
         train_step(model, opt, *batch(k))
-    assert calls == {"stats": [3, 6, 9, 12], "inverses": [4, 8, 12]}
+    assert calls == expected
 
 
 def test_initialize_averages_every_example_of_every_batch():
