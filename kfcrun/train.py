@@ -223,15 +223,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     # KFC-pre estimates its factors on a large training subset before the first step
     # (Algorithm 1); that is part of the method, so it is on the training clock.
     wall_start = time.perf_counter()
-    if iteration == 0 and hasattr(optimizer, "initialize"):
+    if iteration == 0 and optimizer.init_examples > 0:
         clock.start()
-        optimizer.initialize(_initial_batches(cfg, data, preprocess, device))
+        optimizer.initialize(_initial_batches(cfg, optimizer, data, preprocess, device))
         clock.stop()
         log.info("estimated initial curvature factors in %.1f s", clock.total_s)
 
     # ---- the loop -----------------------------------------------------------------------------
     model.train()
-    empirical_fisher = cfg.optimizer.get("fisher") == "empirical"
     recent_losses: list[torch.Tensor] = []
     last_row: dict[str, Any] = {}
     bar = tqdm(
@@ -246,13 +245,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         while iteration < max_iters:
             images, labels = next(batches)
             inputs = preprocess(images)  # data preparation stays off the training clock
-            step_kwargs = {"targets": labels} if empirical_fisher else {}
 
             clock.start()
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(inputs), labels)
             loss.backward()
-            optimizer.step(**step_kwargs)
+            optimizer.step(inputs=inputs, targets=labels if optimizer.needs_labels else None)
             if cfg.model.max_norm is not None:
                 apply_max_norm(model, cfg.model.max_norm)
             clock.stop()
@@ -314,9 +312,11 @@ def optimizer_times(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return dict(times) if times else {}
 
 
-def _initial_batches(cfg: DictConfig, data: ImageData, preprocess: Preprocessor, device: torch.device):
+def _initial_batches(
+    cfg: DictConfig, optimizer: Any, data: ImageData, preprocess: Preprocessor, device: torch.device
+):
     """``(inputs, labels)`` batches of a fixed random training subset: KFC-pre's initial factor estimate."""
-    count = min(int(cfg.optimizer.get("init_examples", 0)), len(data.train_images))
+    count = min(optimizer.init_examples, len(data.train_images))
     order = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.seed + 1))[
         :count
     ]

@@ -68,9 +68,7 @@ from kfcrun.analysis.correlations import (
 from kfcrun.analysis.heatmaps import LayerPanel, plot_correlation_grid
 from kfcrun.analysis.runs import cfg_get
 from kfcrun.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint
-from kfcrun.curvature.capture import ActivationCapture
-from kfcrun.curvature.factors import preserved_buffers
-from kfcrun.curvature.fisher import nll_sum, sample_targets
+from kfcrun.curvature import kfc_layers, nll_sum, output_derivatives, sample_targets
 from kfcrun.errors import CheckpointError, ConfigError
 from kfcrun.logging import write_json
 
@@ -107,8 +105,8 @@ def _say(message: str) -> None:
 # statistics of one network
 # ---------------------------------------------------------------------------------------------
 def conv_layers(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """Every ``Conv2d`` of ``model`` by its module name, in registration order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    """The convolutions among the layers KFC covers (:func:`~kfcrun.curvature.kfc_layers`), in model order."""
+    return {name: m for name, m in kfc_layers(model).items() if isinstance(m, nn.Conv2d)}
 
 
 @dataclass
@@ -148,25 +146,23 @@ def collect_statistics(
         name: LayerStatistics(CorrelationAccumulator(max_offset), CorrelationAccumulator(max_offset))
         for name in layers
     }
-    capture = ActivationCapture(layers)
     first = next(iter(layers))
     live = progress and sys.stdout.isatty()
     start = time.perf_counter()
     was_training = model.training
     model.train(mode == "train")
+
+    def sampled_nll(logits: Tensor) -> Tensor:
+        return nll_sum(logits, sample_targets(logits, generator))
+
     try:
-        with preserved_buffers(model), torch.enable_grad():
-            for index, batch in enumerate(inputs, start=1):
-                with capture.recording() as records:
-                    logits = model(batch)
-                loss = nll_sum(logits, sample_targets(logits, generator))
-                outputs = [records[name].output for name in layers]
-                derivatives = torch.autograd.grad(loss, outputs)
-                for name, ds in zip(layers, derivatives, strict=True):
-                    stats[name].derivatives.update(ds)
-                    stats[name].activations.update(records[name].checked_input(name))
-                if live:
-                    print(f"\r  batch {index}: {stats[first].derivatives.count} examples", end="", flush=True)
+        for index, batch in enumerate(inputs, start=1):
+            layer_inputs, derivatives = output_derivatives(model, batch, sampled_nll, layers)
+            for name in layers:
+                stats[name].derivatives.update(derivatives[name])
+                stats[name].activations.update(layer_inputs[name])
+            if live:
+                print(f"\r  batch {index}: {stats[first].derivatives.count} examples", end="", flush=True)
     finally:
         model.train(was_training)
         if live:

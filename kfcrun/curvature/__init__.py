@@ -1,17 +1,26 @@
 """Kronecker-factored curvature for convolution (KFC, Grosse & Martens 2016).
 
-Knows nothing about learning rates or momentum. Conventions (paper Sec. 2-3, App. A):
-homogeneous coordinate at index 0, columns after it in ``weight.flatten(1)`` order,
-``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` (summed over output positions, divided by M),
-``Gamma_hat = 1/(M|T|) DS^T DS``, Fisher block ``Omega ⊗ Gamma`` with column-stacking vec.
+Knows nothing about learning rates, momentum, the runner or the data. Conventions
+(paper Sec. 2-3, App. A): homogeneous coordinate at index 0, columns after it in
+``weight.flatten(1)`` order, ``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` (summed over output
+positions, divided by M), ``Gamma_hat = 1/(M|T|) DS^T DS``, Fisher block ``Omega ⊗ Gamma``
+with column-stacking vec.
+
+Layout: :mod:`.kron_math` (pure tensor math), :mod:`.coverage` (which layers,
+:func:`kfc_layers`), :mod:`.capture` and :mod:`.derivatives` (one recorded pass and the
+output derivatives ``DS``), :mod:`.fisher` (which targets), :mod:`.factors` (Eqn 32
+estimates), :mod:`.blocks` (one class per layer type), :mod:`.inverses` (damping
+strategies), :mod:`.schedule` (``T_s``/``T_f``), :mod:`.kfc_curvature` (the manager).
 
 Public API:
 
-* :func:`batch_factors` - single-mini-batch ``(Omega_hat, Gamma_hat)`` of every Conv2d/Linear.
-* :func:`batch_factors_for_loss` - the same for any loss / list of losses.
-* :func:`sample_targets` - ``y ~ softmax(logits)`` with a ``torch.Generator``.
-* :class:`KFCCurvature` - running factors, damped inverses, ``precondition``.
-* :func:`combined_grad` / :func:`split_update` - ``[grad_b | grad_W.flatten(1)]`` and back.
+* :func:`kfc_layers` - the layers KFC covers, by name (the one definition of coverage).
+* :func:`batch_factors` / :func:`batch_factors_for_loss` - single-mini-batch ``(Omega_hat, Gamma_hat)``.
+* :func:`output_derivatives` / :func:`recorded_pass` - layer inputs and ``DS`` for a loss.
+* :func:`sample_targets`, :func:`nll_sum`, :func:`expected_fisher_losses` - targets and losses.
+* :class:`KFCCurvature` - running factors, damped inverses, ``precondition``;
+  :class:`CurvatureSchedule` - Algorithm 1's ``T_s``/``T_f``.
+* :class:`FisherType`, :class:`DampingMode`, :class:`OmegaModel` - the settings' vocabulary.
 """
 
 from .blocks import (
@@ -21,29 +30,48 @@ from .blocks import (
     UnsupportedLayerError,
     combined_grad,
     combined_matrix,
+    make_block,
     split_update,
-    tracked_modules,
 )
+from .coverage import canonical_name, kfc_layers
+from .derivatives import LayerPass, output_derivatives, recorded_pass
+from .diagnostics import KFCCurvatureWarning
 from .factors import batch_factors, batch_factors_for_loss
-from .fisher import FISHER_TYPES, expected_fisher_losses, nll_sum, sample_targets
-from .preconditioner import DAMPING_MODES, KFCCurvature, KFCCurvatureWarning
+from .fisher import expected_fisher_losses, make_loss_fn, nll_sum, sample_targets
+from .inverses import DampedInverse, EigenInverse, PiCholeskyInverse
+from .kfc_curvature import InverseUpdate, KFCCurvature, StatisticsUpdate
+from .schedule import CurvatureSchedule
+from .vocabulary import DampingMode, FisherType, OmegaModel
 
 __all__ = [
-    "DAMPING_MODES",
-    "FISHER_TYPES",
     "Conv2dBlock",
+    "CurvatureSchedule",
+    "DampedInverse",
+    "DampingMode",
+    "EigenInverse",
+    "FisherType",
+    "InverseUpdate",
     "KFCCurvature",
     "KFCCurvatureWarning",
     "KroneckerBlock",
+    "LayerPass",
     "LinearBlock",
+    "OmegaModel",
+    "PiCholeskyInverse",
+    "StatisticsUpdate",
     "UnsupportedLayerError",
     "batch_factors",
     "batch_factors_for_loss",
+    "canonical_name",
     "combined_grad",
     "combined_matrix",
     "expected_fisher_losses",
+    "kfc_layers",
+    "make_block",
+    "make_loss_fn",
     "nll_sum",
+    "output_derivatives",
+    "recorded_pass",
     "sample_targets",
     "split_update",
-    "tracked_modules",
 ]

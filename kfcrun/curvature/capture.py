@@ -64,11 +64,6 @@ class ActivationCapture:
         self._handles: list[RemovableHandle] = []
         self.records: dict[str, LayerRecord] = {}
 
-    @property
-    def active(self) -> bool:
-        """True while hooks are registered."""
-        return bool(self._handles)
-
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, LayerRecord]]:
         """Register the hooks, yield the (filling) ``name -> LayerRecord`` dict, remove the hooks."""

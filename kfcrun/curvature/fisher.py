@@ -1,11 +1,12 @@
 """Which targets the pre-activation derivatives ``DS`` come from (Sec. 3.1, footnote 3).
 
 The Fisher is the covariance of the log-likelihood gradient under the **model's**
-predictive distribution. Three estimates are offered, selected by name:
+predictive distribution. Three estimates are offered, selected by
+:class:`~kfcrun.curvature.vocabulary.FisherType`:
 
-``"true"`` (default)
+``"sampled"`` (default)
     one target per example sampled from ``softmax(logits)``; ``DS`` is a one-sample
-    Monte-Carlo estimate (the paper's choice).
+    Monte-Carlo estimate of the true Fisher (the paper's choice).
 ``"expected"``
     the exact expectation over targets (curvlinops' "type-2"): one backward pass per
     class ``c`` with cotangent ``B[:, c]``, the columns of
@@ -28,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .vocabulary import FisherType
+
 __all__ = [
-    "FISHER_TYPES",
     "LossFn",
     "expected_fisher_losses",
     "make_loss_fn",
@@ -40,9 +42,6 @@ __all__ = [
 #: A map from the model output (logits) to one scalar loss, or to several whose
 #: per-pass ``DS^T DS`` are summed (see :func:`kron_math.gamma_from_derivatives`).
 LossFn = Callable[[Tensor], Tensor | Sequence[Tensor]]
-
-FISHER_TYPES = ("true", "expected", "empirical")
-
 
 def _class_last(logits: Tensor) -> Tensor:
     """Logits ``(M, C)`` or ``(M, C, *spatial)`` (PyTorch's cross-entropy layout) as rows of ``C``."""
@@ -88,19 +87,18 @@ def expected_fisher_losses(logits: Tensor) -> list[Tensor]:
 
 
 def make_loss_fn(
-    fisher_type: str,
+    fisher_type: FisherType | str,
     *,
     targets: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> LossFn:
     """The loss function for ``fisher_type`` (see the module docstring)."""
-    if fisher_type == "true":
+    kind = FisherType.parse(fisher_type, "fisher_type")
+    if kind is FisherType.SAMPLED:
         return lambda logits: nll_sum(logits, sample_targets(logits, generator))
-    if fisher_type == "expected":
+    if kind is FisherType.EXPECTED:
         return expected_fisher_losses
-    if fisher_type == "empirical":
-        if targets is None:
-            raise ValueError("fisher_type='empirical' needs the training labels as `targets`")
-        labels = targets
-        return lambda logits: nll_sum(logits, labels)
-    raise ValueError(f"unknown fisher_type {fisher_type!r}; expected one of {FISHER_TYPES}")
+    if targets is None:
+        raise ValueError("fisher_type='empirical' needs the training labels as `targets`")
+    labels = targets
+    return lambda logits: nll_sum(logits, labels)

@@ -1,13 +1,21 @@
-"""Optimizers as ``torch.optim.Optimizer`` subclasses: SGD (the paper's baseline) and KFC-pre."""
+"""Optimizers as ``torch.optim.Optimizer`` subclasses: SGD (the paper's baseline) and KFC-pre.
+
+Both implement :class:`~kfcrun.optim.protocol.TrainingOptimizer`, the small protocol the
+training loop uses (initialize, step with the mini-batch, averaged parameters, stats).
+"""
 
 from kfcrun.optim.averaging import IterateAveraging, averaging_decay
 from kfcrun.optim.build import build_optimizer
+from kfcrun.optim.kfc_pre import KFCPre
 from kfcrun.optim.param_groups import build_param_groups, layer_weight_decays, weight_layers
+from kfcrun.optim.protocol import TrainingOptimizer
 from kfcrun.optim.sgd import SGD
 
 __all__ = [
     "SGD",
     "IterateAveraging",
+    "KFCPre",
+    "TrainingOptimizer",
     "averaging_decay",
     "build_optimizer",
     "build_param_groups",
@@ -15,11 +23,3 @@ __all__ = [
     "weight_layers",
 ]
 
-
-def __getattr__(name: str):
-    # KFCPre pulls in the curvature package; import it on first use.
-    if name == "KFCPre":
-        from kfcrun.optim.kfc_pre import KFCPre
-
-        return KFCPre
-    raise AttributeError(name)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kfcrun.optim.averaging import averaging_decay
+from kfcrun.optim.kfc_pre import KFCPre
 from kfcrun.optim.param_groups import build_param_groups
 from kfcrun.optim.sgd import SGD
 
@@ -41,8 +42,6 @@ def build_optimizer(
             avg_start=cfg["avg_start"],
         )
     if cfg["name"] == "kfc_pre":
-        from kfcrun.optim.kfc_pre import KFCPre
-
         return KFCPre(
             model,
             lr=cfg["lr"],
@@ -59,6 +58,7 @@ def build_optimizer(
             clip=cfg["clip"],
             nu_fraction=cfg["nu_fraction"],
             stats_fraction=cfg["stats_fraction"],
+            init_examples=cfg["init_examples"],
             fisher=cfg["fisher"],
             approx=cfg["approx"],
             precondition=cfg["precondition"],
@@ -66,5 +66,6 @@ def build_optimizer(
             avg_mode=cfg["avg_mode"],
             avg_start=cfg["avg_start"],
             seed=seed,
+            record_inputs=False,
         )
     raise ValueError(f"unknown optimizer {cfg['name']!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kfcrun.optim.param_groups import WEIGHT_LAYERS
+from kfcrun.optim.param_groups import weight_layers
 
 
 @torch.no_grad()
@@ -16,8 +16,7 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
     (biases are not constrained). Srivastava et al. (JMLR 2014, Appendix B.2) used
     ``c = 4`` for all weights of the SVHN network.
     """
-    for module in model.modules():
-        if isinstance(module, WEIGHT_LAYERS):
-            rows = module.weight.flatten(1)
-            norms = rows.norm(dim=1, keepdim=True)
-            rows.mul_(torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0))
+    for module in weight_layers(model).values():
+        rows = module.weight.flatten(1)
+        norms = rows.norm(dim=1, keepdim=True)
+        rows.mul_(torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0))

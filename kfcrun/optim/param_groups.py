@@ -13,24 +13,22 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from kfcrun.curvature import canonical_name, kfc_layers
 from kfcrun.errors import ConfigError
-
-#: Modules whose weights are "layers" for weight decay (and for KFC's curvature blocks).
-WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv2d and Linear modules by qualified name, in model order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
+    """The layers whose weights carry weight decay: those KFC covers (:func:`~kfcrun.curvature.kfc_layers`)."""
+    return kfc_layers(model)
 
 
 def layer_weight_decays(
     model: nn.Module, weight_decay: float, overrides: Mapping[str, float] | None = None
 ) -> dict[str, float]:
-    """Weight-decay coefficient ``lambda`` for each Conv2d/Linear layer.
+    """Weight-decay coefficient ``lambda`` for each weight layer (:func:`weight_layers`).
 
-    ``overrides`` maps a layer's qualified name (as in ``model.named_modules()``) to
-    its own ``lambda``; every other layer gets ``weight_decay``.
+    ``overrides`` maps a layer's name (as in ``model.named_modules()``, without wrapper
+    prefixes such as ``module.``) to its own ``lambda``; every other layer gets ``weight_decay``.
     """
     layers = weight_layers(model)
     overrides = dict(overrides or {})
@@ -54,7 +52,7 @@ def build_param_groups(
 ) -> list[dict]:
     """One param group per parameter, carrying its own ``lr`` and ``weight_decay``.
 
-    * Conv2d/Linear weights: ``lr`` and the layer's ``lambda`` (see
+    * weight-layer weights: ``lr`` and the layer's ``lambda`` (see
       :func:`layer_weight_decays`).
     * Their biases: ``lr * bias_lr_scale``; decayed with the layer's ``lambda`` only if
       ``decay_biases``.
@@ -62,15 +60,17 @@ def build_param_groups(
 
     Each group also records ``name`` and ``lr_scale`` so schedules can rescale the base lr.
     """
+    layers = weight_layers(model)
     decays = layer_weight_decays(model, weight_decay, layer_weight_decay)
     groups: list[dict] = []
-    for module_name, module in model.named_modules():
+    for raw_name, module in model.named_modules():
+        module_name = canonical_name(raw_name)
         for param_name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
             full_name = f"{module_name}.{param_name}" if module_name else param_name
             scale, decay = 1.0, 0.0
-            if module_name in decays:
+            if module_name in decays and module is layers[module_name]:
                 if param_name == "bias":
                     scale = bias_lr_scale
                     decay = decays[module_name] if decay_biases else 0.0

@@ -31,8 +31,12 @@ class SGD(torch.optim.SGD):
             :class:`~kfcrun.optim.averaging.IterateAveraging`.
 
     ``iteration`` counts completed steps; ``averaged_parameters()`` swaps the averages
-    into the model for evaluation.
+    into the model for evaluation. Implements :class:`~kfcrun.optim.protocol.TrainingOptimizer`:
+    it wants no initialization and no labels, and ignores the mini-batch passed to ``step``.
     """
+
+    #: SGD needs no initial curvature estimate.
+    init_examples = 0
 
     def __init__(
         self,
@@ -53,8 +57,28 @@ class SGD(torch.optim.SGD):
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    @property
+    def needs_labels(self) -> bool:
+        """SGD never needs the labels: the gradient is already in ``.grad``."""
+        return False
+
+    def initialize(self, batches: Iterable[Any]) -> None:
+        """Nothing to estimate before the first step."""
+
+    @property
+    def phase_times(self) -> dict[str, float]:
+        """SGD's step is not split into timed phases."""
+        return {}
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        inputs: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> Any:
+        """``torch.optim.SGD.step``, then fold the new iterate into the average (``inputs``/``targets`` unused)."""
         loss = super().step(closure)
         self.iteration += 1
         self.averaging.update(self._params(), self.iteration)

@@ -14,7 +14,7 @@
 ``Gamma`` is taken in expectation over the targets: one backward pass per column of a
 square root of the output Fisher (``I`` for the Gaussian, ``diag p - p p^T`` for softmax,
 see :func:`kfcrun.curvature.expected_fisher_losses`). (d) checks that the sampled
-("true") estimate converges to that expectation.
+("sampled") estimate converges to that expectation.
 """
 
 from __future__ import annotations

@@ -53,12 +53,12 @@ def test_sample_targets_spatial_logits_use_class_dim_1() -> None:
 def test_true_fisher_uses_samples_from_the_model(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, _ = batch
     net = two_conv_net()
-    curv = KFCCurvature(net, fisher_type="true")
+    curv = KFCCurvature(net, fisher_type="sampled")
     curv.update_statistics(x, generator=torch.Generator().manual_seed(11), init=True)
     with torch.no_grad():
         y = sample_targets(net(x), torch.Generator().manual_seed(11))
     ref = batch_factors(net, x, y)
-    for name, block in curv.layers.items():
+    for name, block in curv.blocks.items():
         assert torch.equal(block.omega, ref[name][0]) and torch.equal(block.gamma, ref[name][1]), name
 
 
@@ -68,7 +68,7 @@ def test_empirical_fisher_uses_the_labels(batch: tuple[torch.Tensor, torch.Tenso
     curv = KFCCurvature(net, fisher_type="empirical")
     curv.update_statistics(x, y, init=True)
     ref = batch_factors(net, x, y)
-    for name, block in curv.layers.items():
+    for name, block in curv.blocks.items():
         assert torch.equal(block.omega, ref[name][0]) and torch.equal(block.gamma, ref[name][1]), name
     with pytest.raises(ValueError, match="empirical"):
         curv.update_statistics(x)
@@ -87,5 +87,5 @@ def test_expected_fisher_type_is_the_exact_expectation(batch: tuple[torch.Tensor
     curv = KFCCurvature(net, fisher_type="expected")
     curv.update_statistics(x, init=True)
     ref = batch_factors_for_loss(net, x, expected_fisher_losses)
-    for name, block in curv.layers.items():
+    for name, block in curv.blocks.items():
         assert torch.equal(block.omega, ref[name][0]) and torch.equal(block.gamma, ref[name][1]), name

@@ -1,4 +1,4 @@
-"""KFCCurvature: running averages, damped inverses, preconditioning, robustness, state."""
+"""KFCCurvature: running averages, damped inverses (both strategies), preconditioning, robustness, state."""
 
 from __future__ import annotations
 
@@ -47,29 +47,29 @@ def _random_grads(curv: KFCCurvature, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
         name: torch.randn(b.gamma_dim, b.omega_dim, generator=g, dtype=torch.float64)
-        for name, b in curv.layers.items()
+        for name, b in curv.blocks.items()
     }
 
 
 def test_layers_are_the_convs_and_linears_in_model_order() -> None:
     curv = KFCCurvature(two_conv_net())
-    assert list(curv.layers) == ["0", "2", "6"]
-    assert [b.kind for b in curv.layers.values()] == ["conv2d", "conv2d", "linear"]
-    assert [(b.gamma_dim, b.omega_dim) for b in curv.layers.values()] == [(3, 19), (4, 12), (4, 17)]
+    assert list(curv.blocks) == ["0", "2", "6"]
+    assert [b.kind for b in curv.blocks.values()] == ["conv2d", "conv2d", "linear"]
+    assert [(b.gamma_dim, b.omega_dim) for b in curv.blocks.values()] == [(3, 19), (4, 12), (4, 17)]
 
 
 def test_pi_damped_precondition_matches_explicit_kronecker_solve() -> None:
     _, curv = _ready("pi")
     lam = {"0": 1e-3, "2": 0.0, "6": 5e-2}
     damping = 1e-2
-    stats = curv.update_inverses(damping, lam)
+    update = curv.update_inverses(damping, lam)
     grads = _random_grads(curv)
     out = curv.precondition(grads)
-    for name, block in curv.layers.items():
+    for name, block in curv.blocks.items():
         omega, gamma = block.omega, block.gamma
         total = lam[name] + damping
         pi = math.sqrt((omega.trace().item() / omega.shape[0]) / (gamma.trace().item() / gamma.shape[0]))
-        assert stats[f"kfc/pi/{name}"].item() == pytest.approx(pi, rel=1e-12)
+        assert update.summaries[name]["pi"].item() == pytest.approx(pi, rel=1e-12)
         omega_d = omega + pi * math.sqrt(total) * torch.eye(omega.shape[0], dtype=torch.float64)
         gamma_d = gamma + math.sqrt(total) / pi * torch.eye(gamma.shape[0], dtype=torch.float64)
         ref = torch.linalg.solve(torch.kron(omega_d, gamma_d), vec(grads[name]))
@@ -84,7 +84,7 @@ def test_exact_damped_precondition_matches_explicit_kronecker_solve() -> None:
     curv.update_inverses(damping, lam)
     grads = _random_grads(curv)
     out = curv.precondition(grads)
-    for name, block in curv.layers.items():
+    for name, block in curv.blocks.items():
         n = block.omega_dim * block.gamma_dim
         system = torch.kron(block.omega, block.gamma) + (lam[name] + damping) * torch.eye(
             n, dtype=torch.float64
@@ -96,12 +96,12 @@ def test_exact_damped_precondition_matches_explicit_kronecker_solve() -> None:
 def test_factors_and_inverses_are_symmetric_psd() -> None:
     _, curv = _ready("pi")
     curv.update_inverses(1e-3, 0.0)
-    for name, b in curv.layers.items():
+    for name, b in curv.blocks.items():
         for label, mat in [
             ("Omega", b.omega),
             ("Gamma", b.gamma),
-            ("Omega_inv", b.omega_inv),
-            ("Gamma_inv", b.gamma_inv),
+            ("Omega_inv", b.inverse.omega_inv),
+            ("Gamma_inv", b.inverse.gamma_inv),
         ]:
             assert_close(mat, mat.T, atol=1e-12, rtol=1e-10, what=f"{name} {label} symmetric")
             evals = torch.linalg.eigvalsh(mat)
@@ -121,7 +121,7 @@ def test_init_averages_batches_then_ema_follows_eqn_33() -> None:
     for x, y in batches[2:]:
         curv.update_statistics(x, y)
     assert curv.num_ema_updates == 3
-    for name, block in curv.layers.items():
+    for name, block in curv.blocks.items():
         for i, label in enumerate(("Omega", "Gamma")):
             ref = (hats[0][name][i] + hats[1][name][i]) / 2
             for h in hats[2:]:
@@ -136,20 +136,8 @@ def test_first_update_without_init_sets_the_factors() -> None:
     ((x, y),) = _batches(1)
     curv.update_statistics(x, y)
     ref = batch_factors(net, x, y)
-    for name, block in curv.layers.items():
+    for name, block in curv.blocks.items():
         assert torch.equal(block.omega, ref[name][0]) and torch.equal(block.gamma, ref[name][1])
-
-
-def test_stats_batch_fraction_uses_the_first_examples() -> None:
-    net = two_conv_net()
-    ((x, y),) = _batches(1, m=5)
-    curv = KFCCurvature(net, fisher_type="empirical", stats_batch_fraction=0.5)
-    stats = curv.update_statistics(x, y, init=True)
-    assert stats["kfc/stats_examples"] == 3.0  # ceil(0.5 * 5)
-    ref = batch_factors(net, x[:3], y[:3])
-    for name, block in curv.layers.items():
-        assert torch.equal(block.omega, ref[name][0]) and torch.equal(block.gamma, ref[name][1]), name
-    assert KFCCurvature(net, stats_batch_fraction=0.01).stats_subset_size(5) == 1
 
 
 def test_chunk_size_does_not_change_the_factors() -> None:
@@ -159,8 +147,8 @@ def test_chunk_size_does_not_change_the_factors() -> None:
     one = KFCCurvature(net, fisher_type="empirical", chunk_size=1)
     ref.update_statistics(x, y, init=True)
     one.update_statistics(x, y, init=True)
-    for name in ref.layers:
-        assert_close(one.layers[name].omega, ref.layers[name].omega, atol=1e-13, what=f"{name} Omega chunk 1")
+    for name in ref.blocks:
+        assert_close(one.blocks[name].omega, ref.blocks[name].omega, atol=1e-13, what=f"{name} Omega chunk 1")
 
 
 def test_update_statistics_leaves_grads_buffers_hooks_alone() -> None:
@@ -184,13 +172,13 @@ def test_update_statistics_leaves_grads_buffers_hooks_alone() -> None:
 
 def test_singular_undamped_factor_gets_finite_inverse_and_a_warning_naming_the_layer() -> None:
     _, curv = _ready("pi")
-    curv.layers["2"].omega = torch.zeros_like(curv.layers["2"].omega)
+    curv.blocks["2"].omega = torch.zeros_like(curv.blocks["2"].omega)
     with pytest.warns(KFCCurvatureWarning) as caught:
         curv.update_inverses(0.0, 0.0)  # undamped: layer '2' is zero, layer '6' rank-deficient (5 < 17)
     messages = [str(w.message) for w in caught]
     assert any("layer '2'" in m and "fallback" in m for m in messages), messages
     assert any("layer '6'" in m for m in messages), messages
-    inv = curv.layers["2"].omega_inv
+    inv = curv.blocks["2"].inverse.omega_inv
     assert bool(torch.isfinite(inv).all())
     out = curv.precondition(_random_grads(curv))
     assert all(bool(torch.isfinite(v).all()) for v in out.values())
@@ -199,17 +187,18 @@ def test_singular_undamped_factor_gets_finite_inverse_and_a_warning_naming_the_l
 def test_nan_factor_keeps_the_previous_inverse_and_parameters_stay_finite() -> None:
     net, curv = _ready("pi")
     curv.update_inverses(1e-3, 0.0)
-    before = {k: v.clone() for k, v in curv.layers["0"].state_dict().items() if v is not None}
-    curv.layers["0"].gamma[1, 1] = float("nan")
+    before = {k: v.clone() for k, v in curv.blocks["0"].state_dict().items() if v is not None}
+    curv.blocks["0"].gamma[1, 1] = float("nan")
     with pytest.warns(KFCCurvatureWarning, match=r"layer '0'.*keeping the previous inverse"):
-        curv.update_inverses(1e-3, 0.0)
+        update = curv.update_inverses(1e-3, 0.0)
+    assert update.nonfinite == 1
     for key in ("omega_inv", "gamma_inv", "pi"):
-        assert torch.equal(getattr(curv.layers["0"], key), before[key]), key
+        assert torch.equal(getattr(curv.blocks["0"].inverse, key), before[key]), key
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
     update = curv.precondition(_random_grads(curv))
     with torch.no_grad():
-        for name, block in curv.layers.items():
-            dw, db = block.split_update(update[name])
+        for name, block in curv.blocks.items():
+            dw, db = block.split(update[name])
             block.module.weight -= 0.1 * dw
             if db is not None:
                 block.module.bias -= 0.1 * db
@@ -221,7 +210,7 @@ def test_nan_factor_keeps_the_previous_inverse_and_parameters_stay_finite() -> N
 @pytest.mark.parametrize("mode", ["pi", "exact"])
 def test_nan_factor_without_previous_inverse_falls_back_to_scaled_identity(mode: str) -> None:
     _, curv = _ready(mode)
-    curv.layers["6"].omega[0, 0] = float("inf")
+    curv.blocks["6"].omega[0, 0] = float("inf")
     with pytest.warns(KFCCurvatureWarning, match=r"layer '6'.*identity"):
         curv.update_inverses(0.01, 0.03)
     grads = _random_grads(curv)
@@ -231,21 +220,21 @@ def test_nan_factor_without_previous_inverse_falls_back_to_scaled_identity(mode:
 def test_exact_mode_nan_keeps_previous_eigendecomposition() -> None:
     _, curv = _ready("exact")
     curv.update_inverses(1e-2, 0.0)
-    q_before = curv.layers["2"].q_omega.clone()
-    curv.layers["2"].omega[0, 0] = float("nan")
+    q_before = curv.blocks["2"].inverse.q_omega.clone()
+    curv.blocks["2"].omega[0, 0] = float("nan")
     with pytest.warns(KFCCurvatureWarning, match=r"layer '2'.*previous"):
         curv.update_inverses(1e-2, 0.0)
-    assert torch.equal(curv.layers["2"].q_omega, q_before)
+    assert torch.equal(curv.blocks["2"].inverse.q_omega, q_before)
 
 
 def test_non_finite_batch_is_not_folded_into_the_running_factors() -> None:
     _, curv = _ready("pi")
-    saved = {n: (b.omega.clone(), b.gamma.clone()) for n, b in curv.layers.items()}
+    saved = {n: (b.omega.clone(), b.gamma.clone()) for n, b in curv.blocks.items()}
     ((x, y),) = _batches(1)
     x[0, 0, 0, 0] = float("nan")
     stats = curv.update_statistics(x, y)
-    assert int(stats["kfc/stats_nonfinite"]) == 3
-    for name, block in curv.layers.items():
+    assert int(stats.nonfinite) == 3 and stats.examples == 5
+    for name, block in curv.blocks.items():
         assert torch.equal(block.omega, saved[name][0]) and torch.equal(block.gamma, saved[name][1]), name
 
 
@@ -289,8 +278,6 @@ def test_misuse_raises_clear_errors() -> None:
         exact.update_inverses(0.0, 0.0)
     with pytest.raises(ValueError, match="damping_mode"):
         KFCCurvature(net, damping_mode="kfac")
-    with pytest.raises(ValueError, match="stats_batch_fraction"):
-        KFCCurvature(net, stats_batch_fraction=0.0)
 
 
 @pytest.mark.parametrize("mode", ["pi", "exact"])
@@ -304,8 +291,8 @@ def test_state_dict_round_trip_is_bitwise(mode: str) -> None:
     buf.seek(0)
     other = KFCCurvature(net, fisher_type="empirical", damping_mode=mode)
     other.load_state_dict(torch.load(buf))
-    for name in curv.layers:
-        a, b = curv.layers[name].state_dict(), other.layers[name].state_dict()
+    for name in curv.blocks:
+        a, b = curv.blocks[name].state_dict(), other.blocks[name].state_dict()
         assert a.keys() == b.keys()
         for key in a:
             if a[key] is None:
@@ -341,3 +328,29 @@ def test_no_warnings_on_the_happy_path() -> None:
         _, curv = _ready("pi")
         curv.update_inverses(1e-3, 0.0)
         curv.precondition(_random_grads(curv))
+
+
+@pytest.mark.parametrize("mode", ["pi", "exact"])
+def test_several_damping_candidates_equal_separate_fits(mode: str) -> None:
+    """One fit with gamma_-, gamma, gamma_+ (K-FAC's search) solves like three single fits."""
+    lam = {"0": 1e-3, "2": 0.0, "6": 5e-2}
+    dampings = [1e-2, 3e-3, 3e-2]
+    _, curv = _ready(mode)
+    update = curv.update_inverses(dampings, lam)
+    grads = _random_grads(curv)
+    together = [curv.precondition(grads, index=i) for i in range(len(dampings))]
+    for i, damping in enumerate(dampings):
+        _, single = _ready(mode)
+        single_update = single.update_inverses(damping, lam)
+        alone = single.precondition(grads)
+        for name in grads:
+            assert torch.equal(together[i][name], alone[name]), (mode, i, name)
+        if i == 0:
+            for name in grads:
+                for key, value in single_update.summaries[name].items():
+                    assert torch.equal(update.summaries[name][key], value), (name, key)
+    # only candidate 0 is state: a restored object solves candidate 0 bitwise
+    _, restored = _ready(mode)
+    restored.load_state_dict(curv.state_dict())
+    back = restored.precondition(grads)
+    assert all(torch.equal(back[k], together[0][k]) for k in grads)

@@ -84,11 +84,11 @@ def test_sua_differs_from_kfc_on_smooth_images():
 def test_curvature_uses_sua_for_conv_layers_only():
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).double()
     x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
-    sua = KFCCurvature(model, approx="sua")
-    kfc = KFCCurvature(model, approx="kfc")
+    sua = KFCCurvature(model, omega_model="sua")
+    kfc = KFCCurvature(model, omega_model="kfc")
     for curvature in (sua, kfc):
         curvature.update_statistics(x, generator=torch.Generator().manual_seed(0), init=True)
     padding = conv_padding(3, 1, 1, 1)
-    assert_close(sua.layers["0"].omega, conv_omega_sua(x, 3, padding=padding), what="conv Omega (SUA)")
-    assert_close(sua.layers["2"].omega, kfc.layers["2"].omega, what="Linear Omega is K-FAC's either way")
-    assert_close(sua.layers["0"].gamma, kfc.layers["0"].gamma, what="Gamma does not depend on approx")
+    assert_close(sua.blocks["0"].omega, conv_omega_sua(x, 3, padding=padding), what="conv Omega (SUA)")
+    assert_close(sua.blocks["2"].omega, kfc.blocks["2"].omega, what="Linear Omega is K-FAC's either way")
+    assert_close(sua.blocks["0"].gamma, kfc.blocks["0"].gamma, what="Gamma does not depend on approx")

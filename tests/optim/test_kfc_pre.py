@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -258,7 +259,7 @@ def test_batch_norm_parameters_take_plain_sgd_steps():
     expected = bn.weight.detach() - 0.1 * bn.weight.grad
     opt.step()
     assert_close(bn.weight.detach(), expected, rtol=1e-12, what="BN scale after one step")
-    assert model[0].bias is None and opt.curvature.layers["0"].omega.shape == (18, 18)
+    assert model[0].bias is None and opt.curvature.blocks["0"].omega.shape == (18, 18)
 
 
 @pytest.mark.parametrize(
@@ -296,7 +297,7 @@ def test_initialize_averages_every_example_of_every_batch():
     opt.initialize(batches)
     draws = torch.Generator().manual_seed(2)
     expected = [batch_factors(model, x, sample_targets(model(x), draws)) for x in batches]
-    for name, block in opt.curvature.layers.items():
+    for name, block in opt.curvature.blocks.items():
         assert_close(block.omega, (expected[0][name][0] + expected[1][name][0]) / 2, what=f"Omega {name}")
         assert_close(block.gamma, (expected[0][name][1] + expected[1][name][1]) / 2, what=f"Gamma {name}")
     assert opt.initialized
@@ -326,7 +327,7 @@ def test_non_finite_factor_never_reaches_the_parameters():
     model = tiny_net()
     opt = KFCPre(model, lr=0.05, stats_every=100, inverse_every=2, clip=None)
     train_step(model, opt, *batch(0))
-    opt.curvature.layers["0"].omega = torch.full_like(opt.curvature.layers["0"].omega, float("nan"))
+    opt.curvature.blocks["0"].omega = torch.full_like(opt.curvature.blocks["0"].omega, float("nan"))
     with pytest.warns(RuntimeWarning, match="'0'.*keeping the previous inverse"):
         train_step(model, opt, *batch(1))  # k = 2: inverses recomputed from the NaN factor
     assert torch.isfinite(flat_params(model)).all()
@@ -357,6 +358,56 @@ def test_explicit_inputs_equal_remembered_inputs():
     assert torch.equal(flat_params(a), flat_params(b))
 
 
+def test_without_the_recorder_step_needs_explicit_inputs():
+    """The runner's setting: record_inputs=False registers no hook, and step() must be given the batch."""
+    model = tiny_net()
+    opt = KFCPre(model, lr=0.05, record_inputs=False)
+    assert not model._forward_pre_hooks
+    x, y = batch(0)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="needs the mini-batch inputs"):
+        opt.step()
+    opt.step(inputs=x)
+    assert opt.iteration == 1
+
+
+def test_copies_of_the_model_do_not_feed_the_optimizer():
+    """An EMA copy's forwards (deepcopy carries its own recorder) cannot replace the recorded batch."""
+    model = tiny_net()
+    opt = KFCPre(model, lr=0.05)
+    x, y = batch(0)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    shadow = copy.deepcopy(model)
+    shadow(batch(5)[0]).sum().backward()
+    assert opt.recorder.inputs is x
+    restored = pickle.loads(pickle.dumps(model))
+    assert all(hook.inputs is None for hook in restored._forward_pre_hooks.values())
+    opt.remove_hooks()
+    assert not model._forward_pre_hooks
+
+
+def test_stats_fraction_uses_the_first_examples():
+    """Statistics on the leading ceil(f * M) examples of the batch (moved from the curvature tests)."""
+    model = tiny_net()
+    opt = KFCPre(model, lr=0.05, stats_fraction=0.5, stat_decay=0.0, stats_every=1, inverse_every=1, seed=4)
+    opt.initialize([batch(7)[0]])
+    x, y = batch(0, n=5)
+    draws = torch.Generator().manual_seed(4)
+    sample_targets(model(batch(7)[0]), draws)  # the initialization's draw
+    expected = batch_factors(model, x[:3], sample_targets(model(x[:3]), draws))  # ceil(0.5 * 5) = 3
+    train_step(model, opt, x, y)
+    for name, block in opt.curvature.blocks.items():
+        assert_close(block.omega, expected[name][0], what=f"Omega {name}")
+        assert_close(block.gamma, expected[name][1], what=f"Gamma {name}")
+    from kfcrun.optim.kfc_pre import subset_size
+
+    assert subset_size(0.01, 5) == 1 and subset_size(0.5, 5) == 3
+    with pytest.raises(ValueError, match="stats_fraction"):
+        KFCPre(tiny_net(), lr=0.05, stats_fraction=0.0)
+
+
 # -- state ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stop_after", [1, 4, 5])
 def test_state_dict_round_trip_resumes_bitwise(stop_after):
@@ -380,9 +431,9 @@ def test_state_dict_round_trip_resumes_bitwise(stop_after):
     assert torch.equal(flat_params(model), flat_params(resumed))
     with opt.averaged_parameters(), resumed_opt.averaged_parameters():
         assert torch.equal(flat_params(model), flat_params(resumed))
-    for name, block in opt.curvature.layers.items():
-        assert torch.equal(block.omega, resumed_opt.curvature.layers[name].omega)
-        assert torch.equal(block.omega_inv, resumed_opt.curvature.layers[name].omega_inv)
+    for name, block in opt.curvature.blocks.items():
+        assert torch.equal(block.omega, resumed_opt.curvature.blocks[name].omega)
+        assert torch.equal(block.inverse.omega_inv, resumed_opt.curvature.blocks[name].inverse.omega_inv)
 
 
 def test_grad_is_left_as_the_user_computed_it():

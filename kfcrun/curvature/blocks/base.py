@@ -1,4 +1,4 @@
-"""One Kronecker-factored Fisher block per layer (Conv2d, Linear), holding its factors.
+"""The Kronecker block of one layer: statistics, running factors, damped inverse, solve.
 
 For a layer with combined parameters ``W_bar = [b | W]`` of shape
 ``I x (1 + J|Δ|)`` (bias column first; the columns after it are in
@@ -12,49 +12,36 @@ For a layer with combined parameters ``W_bar = [b | W]`` of shape
 * ``Gamma_hat = 1/(M|T|) DS^T DS``: averaged over examples and output positions,
   ``DS`` the derivatives of the per-example loss w.r.t. the layer output. Shape ``I x I``.
 
-(Eqn 32.) A Linear layer is the case ``|T| = 1``: ``Psi = E[a_bar a_bar^T]``,
-``a_bar = (1, a)``, ``Gamma = E[Ds Ds^T]`` (Eqn 6). A Linear input with extra
-leading dims ``(M, T..., in)`` is treated like a conv: dim 0 indexes examples, the
-rest positions.
+(Eqn 32.) The block owns its whole lifecycle: the batch estimates from a recorded
+pass (:meth:`KroneckerBlock.batch_omega`, :meth:`KroneckerBlock.batch_gamma`), the
+running factors (Algorithm 1's initial estimate and Eqn 33's average), the damped
+inverse (a :class:`~kfcrun.curvature.inverses.DampedInverse` strategy chosen by the
+damping mode) and the solve on a gradient in ``[b | W]`` layout (:meth:`KroneckerBlock.solve`).
 
-The block also keeps its running factors (Eqn 33) and the inverse-side state the
-preconditioner computes from them (damped inverses and ``pi`` for Eqn 28-29, or
-eigendecompositions for Eqns 39-44).
+Adding a layer type: subclass :class:`KroneckerBlock`, implement ``batch_omega`` and
+``_batched`` (and the shape properties if the layout differs), state the math in its
+docstring, and register it in :func:`kfcrun.curvature.blocks.make_block`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import ClassVar
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from kfcrun.errors import KfcrunError
 
-from . import kron_math
+from .. import kron_math
+from ..inverses import DampedInverse, make_inverse
+from ..vocabulary import DampingMode
 
-__all__ = [
-    "Conv2dBlock",
-    "KroneckerBlock",
-    "LinearBlock",
-    "UnsupportedLayerError",
-    "combined_grad",
-    "combined_matrix",
-    "make_block",
-    "split_update",
-    "tracked_modules",
-]
-
-#: Models of a conv layer's Omega: KFC (Theorems 1-2) or spatially uncorrelated activations (Theorem 4).
-APPROXIMATIONS = ("kfc", "sua")
-
-#: Inverse-side tensors a block may hold, in state_dict order.
-INVERSE_KEYS = ("omega_inv", "gamma_inv", "pi", "d_omega", "q_omega", "d_gamma", "q_gamma", "damping_total")
+__all__ = ["KroneckerBlock", "UnsupportedLayerError", "combined_grad", "combined_matrix", "split_update"]
 
 
 class UnsupportedLayerError(KfcrunError, ValueError):
-    """A Conv2d/Linear configuration KFC does not cover (e.g. ``groups > 1``)."""
+    """A layer configuration KFC does not cover (e.g. ``groups > 1``)."""
 
 
 def combined_matrix(weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
@@ -84,37 +71,25 @@ def split_update(module: nn.Module, mat: Tensor) -> tuple[Tensor, Tensor | None]
     return mat[:, 1:].reshape(weight.shape), mat[:, 0].clone()
 
 
-def tracked_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Conv2d`` and ``nn.Linear`` in ``model``, by qualified name, in ``named_modules`` order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
 class KroneckerBlock:
-    """Factors ``Omega`` (input side) and ``Gamma`` (output side) of one layer.
+    """Factors ``Omega`` (input side) and ``Gamma`` (output side) of one layer, and their damped inverse.
 
-    Attributes ``omega``/``gamma`` are the running factors (``None`` until the first
-    statistics update); the inverse-side attributes are filled by
-    :class:`~kfcrun.curvature.preconditioner.KFCCurvature`.
+    Attributes:
+        omega, gamma: the running factors (``None`` until the first statistics update).
+        inverse: the damping strategy holding the fitted solve.
     """
 
     kind: ClassVar[str] = "base"
     #: Dim of the layer output that holds the I output channels.
     channel_dim: ClassVar[int] = 1
 
-    def __init__(self, name: str, module: nn.Module) -> None:
+    def __init__(self, name: str, module: nn.Module, damping_mode: DampingMode | str = DampingMode.PI) -> None:
         self.name = name
         self.module = module
         self.has_bias: bool = module.bias is not None
         self.omega: Tensor | None = None
         self.gamma: Tensor | None = None
-        self.omega_inv: Tensor | None = None
-        self.gamma_inv: Tensor | None = None
-        self.pi: Tensor | None = None
-        self.d_omega: Tensor | None = None
-        self.q_omega: Tensor | None = None
-        self.d_gamma: Tensor | None = None
-        self.q_gamma: Tensor | None = None
-        self.damping_total: Tensor | None = None
+        self.inverse: DampedInverse = make_inverse(damping_mode, name, self.omega_dim, self.gamma_dim)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, omega_dim={self.omega_dim}, gamma_dim={self.gamma_dim})"
@@ -174,25 +149,56 @@ class KroneckerBlock:
         self.gamma = torch.where(ok, decay * self.gamma + (1.0 - decay) * gamma_hat, self.gamma)
         return ok
 
-    # -- gradients ------------------------------------------------------------------------------
+    def factors_or_zero(self) -> tuple[Tensor, Tensor]:
+        """The running factors, or zeros if no data ever reached this layer (its Fisher block is 0)."""
+        if self.omega is not None and self.gamma is not None:
+            return self.omega, self.gamma
+        weight = self.module.weight
+        dtype = kron_math.accumulation_dtype(weight.dtype)
+        return (
+            torch.zeros(self.omega_dim, self.omega_dim, dtype=dtype, device=weight.device),
+            torch.zeros(self.gamma_dim, self.gamma_dim, dtype=dtype, device=weight.device),
+        )
+
+    # -- damped inverse and solve (Eqns 28-29, 39-44) ------------------------------------------
+    def prepare_inverse(self, totals: Sequence[float], compute_dtype: torch.dtype | None) -> Tensor:
+        """Start fitting the damped inverse for each ``lambda + gamma`` in ``totals`` (no sync); returns flags."""
+        omega, gamma = self.factors_or_zero()
+        return self.inverse.prepare(omega, gamma, totals, compute_dtype)
+
+    def solve(self, grad: Tensor, index: int = 0) -> Tensor:
+        """``(damped Omega ⊗ Gamma)^{-1} vec(grad)`` for a gradient in ``[b | W]`` layout, in ``grad``'s dtype."""
+        expected = (self.gamma_dim, self.omega_dim)
+        if tuple(grad.shape) != expected:
+            raise ValueError(f"kfc: gradient for {self.name!r} has shape {tuple(grad.shape)}, expected {expected}")
+        return self.inverse.apply(grad, index).to(grad.dtype)
+
+    # -- gradients in the block's layout ---------------------------------------------------------
+    def combine(self, weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
+        """``[b | W.flatten(1)]`` from tensors shaped like the layer's weight and bias."""
+        return combined_matrix(weight_like, bias_like if self.has_bias else None)
+
     def combined_grad(self) -> Tensor:
         """``G = [grad_b | grad_W.flatten(1)]`` for this layer (see :func:`combined_grad`)."""
         return combined_grad(self.module)
 
-    def split_update(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
+    def split(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(dW, db)`` from a combined ``I x omega_dim`` matrix (see :func:`split_update`)."""
         return split_update(self.module, mat)
 
     # -- state --------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Tensor | None]:
-        """Factors and inverse-side tensors (cloned; ``None`` where not computed yet)."""
-        keys = ("omega", "gamma", *INVERSE_KEYS)
-        return {k: (None if getattr(self, k) is None else getattr(self, k).detach().clone()) for k in keys}
+    def state_dict(self) -> dict[str, Any]:
+        """Factors and the inverse's tensors (cloned; ``None`` where not computed yet)."""
+        factors = {k: (None if v is None else v.detach().clone()) for k, v in self._factors().items()}
+        return {**factors, **self.inverse.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+    def _factors(self) -> dict[str, Tensor | None]:
+        return {"omega": self.omega, "gamma": self.gamma}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output bitwise (dtype kept, moved to the layer's device)."""
         device = self.module.weight.device
-        for key in ("omega", "gamma", *INVERSE_KEYS):
+        for key in ("omega", "gamma"):
             value = state.get(key)
             setattr(self, key, None if value is None else value.detach().clone().to(device))
         if self.omega is not None and self.omega.shape != (self.omega_dim, self.omega_dim):
@@ -200,81 +206,4 @@ class KroneckerBlock:
                 f"kfc: state for layer {self.name!r} has Omega of shape {tuple(self.omega.shape)}, "
                 f"expected {(self.omega_dim, self.omega_dim)}"
             )
-
-
-class LinearBlock(KroneckerBlock):
-    """``nn.Linear``: ``Psi_hat = (1/M) sum a_bar a_bar^T``, ``Gamma_hat = 1/(M|T|) sum Ds Ds^T``.
-
-    Input ``(M, in)`` is standard K-FAC (``|T| = 1``). Input ``(M, T..., in)`` treats
-    the middle dims as ``|T|`` positions, consistently with the conv convention
-    (Omega summed over positions and divided by ``M``; Gamma averaged over ``M|T|``).
-    A 1-D (unbatched) input is one example.
-    """
-
-    kind = "linear"
-    channel_dim = -1
-
-    def _batched(self, t: Tensor) -> Tensor:
-        return t.unsqueeze(0) if t.dim() == 1 else t
-
-    def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
-        return kron_math.linear_omega(self._batched(inp), homogeneous=self.has_bias)
-
-
-class Conv2dBlock(KroneckerBlock):
-    """``nn.Conv2d`` (KFC, Sec. 3): any stride, dilation, zero padding (int, pair, ``"same"``, ``"valid"``).
-
-    ``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` with ``[[A]]`` = ``F.unfold`` of the input
-    (rows = output positions), built in chunks of examples (one GEMM each);
-    ``Gamma_hat = 1/(M|T|) DS^T DS`` with ``|T|`` the number of output positions.
-    ``approx="sua"`` replaces ``Omega_hat`` by the spatially-uncorrelated-activations
-    model of Theorem 4 (:func:`kron_math.conv_omega_sua`); Gamma is unchanged.
-    ``groups > 1`` and padding modes other than ``"zeros"`` raise
-    :class:`UnsupportedLayerError`: KFC's Omega for them is not the unfold moment.
-    """
-
-    kind = "conv2d"
-    channel_dim = 1
-
-    def __init__(self, name: str, module: nn.Conv2d, approx: str = "kfc") -> None:
-        if module.groups != 1:
-            raise UnsupportedLayerError(
-                f"kfc: layer {name!r} is a grouped convolution (groups={module.groups}); "
-                "only groups=1 is supported"
-            )
-        if module.padding_mode != "zeros":
-            raise UnsupportedLayerError(
-                f"kfc: layer {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' is supported"
-            )
-        if approx not in APPROXIMATIONS:
-            raise ValueError(f"approx must be one of {APPROXIMATIONS}, got {approx!r}")
-        super().__init__(name, module)
-        self.approx = approx
-        self.padding = kron_math.conv_padding(
-            module.kernel_size, module.stride, module.padding, module.dilation
-        )
-
-    def _batched(self, t: Tensor) -> Tensor:
-        return t.unsqueeze(0) if t.dim() == 3 else t
-
-    def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
-        conv: nn.Conv2d = self.module  # type: ignore[assignment]
-        geometry = dict(
-            stride=conv.stride, padding=self.padding, dilation=conv.dilation, homogeneous=self.has_bias
-        )
-        if self.approx == "sua":
-            return kron_math.conv_omega_sua(self._batched(inp), conv.kernel_size, **geometry)
-        return kron_math.conv_omega(self._batched(inp), conv.kernel_size, chunk_size=chunk_size, **geometry)
-
-
-def make_block(name: str, module: nn.Module, approx: str = "kfc") -> KroneckerBlock:
-    """The block class for ``module``; raises :class:`UnsupportedLayerError` for other layer types.
-
-    ``approx`` (``"kfc"`` or ``"sua"``) selects the conv Omega model; Linear layers are
-    standard K-FAC either way.
-    """
-    if isinstance(module, nn.Conv2d):
-        return Conv2dBlock(name, module, approx=approx)
-    if isinstance(module, nn.Linear):
-        return LinearBlock(name, module)
-    raise UnsupportedLayerError(f"kfc: layer {name!r} of type {type(module).__name__} has no KFC block")
+        self.inverse.load_state_dict(state, device)

@@ -1,0 +1,112 @@
+"""One recorded forward pass, and the derivatives of a loss with respect to layer outputs.
+
+This is the seam between a network and its curvature: the factor statistics
+(:mod:`kfcrun.curvature.factors`) and the assumption study both need, for a batch,
+each layer's input and the derivatives ``DS`` of a loss with respect to each layer's
+output. :func:`recorded_pass` gives both for any set of layers; :func:`output_derivatives`
+is the one-loss shortcut.
+
+Side effects: none that outlive the pass. Buffers (BatchNorm running statistics,
+``num_batches_tracked``) are snapshot and restored, ``DS`` comes from
+``torch.autograd.grad`` so no ``.grad`` is touched, the hooks exist only during the
+forward pass, and the train/eval mode is whatever the caller set. A train-mode forward
+does consume the global RNG where the model draws from it (dropout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .capture import ActivationCapture, LayerRecord
+from .coverage import kfc_layers
+from .fisher import LossFn
+
+__all__ = ["LayerPass", "output_derivatives", "preserved_buffers", "recorded_pass"]
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Snapshot every buffer of ``model`` and copy it back on exit (BN running stats etc.)."""
+    saved = [(buf, buf.detach().clone()) for buf in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+@dataclass
+class LayerPass:
+    """What a recorded forward pass saw: the model output and each layer's input and output.
+
+    ``names`` lists the requested layers that ran, in the order requested; a layer that
+    did not run is absent.
+    """
+
+    logits: Tensor | None
+    records: dict[str, LayerRecord]
+    names: list[str] = field(default_factory=list)
+
+    def layer_input(self, name: str) -> Tensor:
+        """Layer ``name``'s (detached) input, checked for in-place modification since the pass."""
+        return self.records[name].checked_input(name)
+
+    def derivatives(self, loss: Tensor, *, retain_graph: bool = False) -> dict[str, Tensor]:
+        """``{name: d loss / d output}`` for every layer that ran (zeros where the output does not reach the loss).
+
+        The derivative of a loss that sums per-example losses has one row per example
+        and output position: ``DS`` of Eqn 32, not divided by the batch size.
+        """
+        outputs = [self.records[name].output for name in self.names]
+        derivs = torch.autograd.grad(
+            loss, outputs, retain_graph=retain_graph, allow_unused=True, materialize_grads=True
+        )
+        return {name: ds.detach() for name, ds in zip(self.names, derivs, strict=True)}
+
+    def release_graph(self) -> None:
+        """Drop the model output and the layer outputs, so the autograd graph can be freed."""
+        self.logits = None
+        for record in self.records.values():
+            record.output = record.output.detach()
+
+
+@contextlib.contextmanager
+def recorded_pass(model: nn.Module, inputs: Tensor, layers: Mapping[str, nn.Module]) -> Iterator[LayerPass]:
+    """Run ``model(inputs)`` recording every module of ``layers``; yield a :class:`LayerPass`.
+
+    Gradients are enabled inside the block whatever the caller's mode, and the model's
+    buffers are restored on exit.
+    """
+    capture = ActivationCapture(layers)
+    with preserved_buffers(model), torch.enable_grad():
+        with capture.recording() as records:
+            logits = model(inputs)
+        yield LayerPass(logits, records, [name for name in layers if name in records])
+
+
+def output_derivatives(
+    model: nn.Module,
+    inputs: Tensor,
+    loss_fn: LossFn,
+    layers: Mapping[str, nn.Module] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(layer inputs, DS)`` of ``layers`` (default: :func:`~kfcrun.curvature.coverage.kfc_layers`).
+
+    ``loss_fn(logits)`` must return ONE scalar, the per-example losses summed (e.g.
+    :func:`~kfcrun.curvature.fisher.nll_sum` of sampled targets), so that ``DS`` holds
+    per-example derivatives. Both dicts are keyed by layer name and hold detached tensors.
+    """
+    modules = kfc_layers(model) if layers is None else layers
+    with recorded_pass(model, inputs, modules) as layer_pass:
+        assert layer_pass.logits is not None
+        loss = loss_fn(layer_pass.logits)
+        if not isinstance(loss, Tensor):
+            raise TypeError("output_derivatives needs loss_fn to return one scalar tensor")
+        derivatives = layer_pass.derivatives(loss)
+        return {name: layer_pass.layer_input(name) for name in layer_pass.names}, derivatives

@@ -1,0 +1,307 @@
+"""KFCCurvature: the manager of a model's Kronecker blocks (Eqns 28-33, 39-44).
+
+Knows nothing about learning rates or momentum. The blocks own their math
+(:mod:`kfcrun.curvature.blocks`, :mod:`kfcrun.curvature.inverses`); the manager keeps
+the loop over blocks, the statistics bookkeeping, and the ONE batched host sync per
+inverse update. An optimizer calls, per Algorithm 1 (Appendix A.1):
+
+1. ``update_statistics(x, init=True)`` on a large subset before training (may be
+   called repeatedly: the initialisation batches are averaged with equal weight);
+2. ``update_statistics(x)`` every ``T_s`` iterations (EMA, Eqn 33);
+3. ``update_inverses(gamma, lam)`` every ``T_f`` iterations;
+4. ``precondition({name: G})`` every iteration, with ``G = [grad_b | grad_W.flatten(1)]``
+   (build it with ``blocks[name].combine(...)``, take it apart with ``blocks[name].split(...)``).
+
+``update_statistics`` is :meth:`~KFCCurvature.estimate_statistics` followed by
+:meth:`~KFCCurvature.fold_statistics`; a data-parallel wrapper reduces the estimates
+across ranks between the two.
+
+Damping (``lam`` = weight decay of the layer, ``gamma`` = damping), by
+:class:`~kfcrun.curvature.vocabulary.DampingMode`:
+
+* ``"pi"`` (Eqn 28): ``(Omega + pi sqrt(lam+gamma) I) ⊗ (Gamma + sqrt(lam+gamma)/pi I)``,
+  ``pi`` the trace-norm ratio (Eqn 10); result ``Gamma_d^{-1} G Omega_d^{-1}`` (Eqn 29).
+* ``"exact"`` (Eqns 39-44): ``(Omega ⊗ Gamma + (lam+gamma) I)^{-1} vec(G)`` through
+  the eigendecompositions of both factors (needs ``lam + gamma > 0``).
+
+Several damping values may be fitted at once (``update_inverses([g0, g1, g2], lam)``)
+and solved with ``precondition(grads, index=i)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import KroneckerBlock, make_block
+from .coverage import kfc_layers
+from .diagnostics import KFCCurvatureWarning, warn
+from .factors import block_estimates
+from .fisher import make_loss_fn
+from .vocabulary import DampingMode, FisherType, OmegaModel
+
+__all__ = ["InverseUpdate", "KFCCurvature", "KFCCurvatureWarning", "StatisticsUpdate"]
+
+_STATE_FORMAT = 1
+
+
+@dataclass
+class StatisticsUpdate:
+    """What one :meth:`KFCCurvature.update_statistics` call did.
+
+    ``nonfinite`` is a 0-d tensor (no sync): layers whose estimate was non-finite and skipped.
+    """
+
+    examples: int
+    nonfinite: Tensor
+    seconds: float
+
+
+@dataclass
+class InverseUpdate:
+    """What one :meth:`KFCCurvature.update_inverses` call did.
+
+    Attributes:
+        summaries: per layer, the strategy's 0-d tensors (``pi``, or the factors' largest
+            eigenvalues ``eig_max_omega``/``eig_max_gamma``).
+        nonfinite: layers whose factors were non-finite (their previous inverse was kept).
+        seconds: wall time of the call (no device sync beyond the flags read).
+    """
+
+    summaries: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    nonfinite: int = 0
+    seconds: float = 0.0
+
+    def pi_mean(self) -> Tensor | None:
+        """Mean ``pi`` over the layers (pi damping), or ``None``."""
+        pis = [s["pi"] for s in self.summaries.values() if "pi" in s]
+        return torch.stack(pis).mean() if pis else None
+
+
+class KFCCurvature:
+    """Kronecker-factored curvature (KFC) of every layer :func:`~kfcrun.curvature.coverage.kfc_layers` covers.
+
+    Args:
+        model: maps inputs to logits (class dim 1).
+        stat_decay: ``xi`` of the running averages (Eqn 33), in ``[0, 1)``.
+        damping_mode: ``"pi"`` (Eqn 28, factored) or ``"exact"`` (Eqns 39-44).
+        fisher_type: ``"sampled"`` (targets sampled from the model, the paper's choice),
+            ``"expected"`` (exact expectation over targets; ``C`` backward passes) or
+            ``"empirical"`` (training labels; needs ``targets``).
+        chunk_size: examples per chunk of the conv patch expansion (memory bound);
+            ``None`` picks it from :data:`kron_math.DEFAULT_PATCH_BUDGET_BYTES`.
+        inverse_dtype: dtype the damped inverses / eigendecompositions are computed in
+            (``None``: the factors' dtype). Results are stored in the factors' dtype.
+        omega_model: ``"kfc"`` or ``"sua"``: the conv Omega model (see
+            :class:`~kfcrun.curvature.blocks.Conv2dBlock`).
+
+    Attributes:
+        blocks: ``name -> block`` for every covered layer, in ``named_modules`` order.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        stat_decay: float = 0.95,
+        damping_mode: DampingMode | str = DampingMode.PI,
+        fisher_type: FisherType | str = FisherType.SAMPLED,
+        chunk_size: int | None = None,
+        inverse_dtype: torch.dtype | None = torch.float64,
+        omega_model: OmegaModel | str = OmegaModel.KFC,
+    ) -> None:
+        if not 0.0 <= stat_decay < 1.0:
+            raise ValueError(f"stat_decay must be in [0, 1), got {stat_decay}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        self.model = model
+        self.stat_decay = stat_decay
+        self.damping_mode = DampingMode.parse(damping_mode, "damping_mode")
+        self.fisher_type = FisherType.parse(fisher_type, "fisher_type")
+        self.chunk_size = chunk_size
+        self.inverse_dtype = inverse_dtype
+        self.blocks: dict[str, KroneckerBlock] = {
+            name: make_block(name, m, damping_mode=self.damping_mode, omega_model=omega_model)
+            for name, m in kfc_layers(model).items()
+        }
+        self.num_init_batches = 0  # initialisation batches averaged into the factors
+        self.num_ema_updates = 0  # Eqn 33 updates since the initialisation
+        self.num_inverse_updates = 0
+        self._warned_unused: set[str] = set()
+
+    @property
+    def has_statistics(self) -> bool:
+        """Whether any statistics have been folded into the factors."""
+        return self.num_init_batches > 0 or self.num_ema_updates > 0
+
+    @property
+    def has_inverses(self) -> bool:
+        """Whether the damped inverses have been computed at least once."""
+        return self.num_inverse_updates > 0
+
+    # -- statistics ---------------------------------------------------------------------------
+    def estimate_statistics(
+        self, inputs: Tensor, targets: Tensor | None = None, *, generator: torch.Generator | None = None
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{name: (Omega_hat, Gamma_hat)}`` (Eqn 32) on all of ``inputs``, without folding them in.
+
+        Targets: sampled from the model with ``generator`` (``"sampled"``), the expectation
+        (``"expected"``) or ``targets`` (``"empirical"``, required then).
+        """
+        loss_fn = make_loss_fn(self.fisher_type, targets=targets, generator=generator)
+        return block_estimates(self.model, inputs, loss_fn, self.blocks, chunk_size=self.chunk_size)
+
+    def fold_statistics(self, estimates: Mapping[str, tuple[Tensor, Tensor]], *, init: bool = False) -> Tensor:
+        """Fold batch estimates into the running factors; returns the non-finite count (0-d tensor).
+
+        ``init=True`` (Algorithm 1's initialisation): consecutive ``init=True`` calls average
+        their estimates with equal weight per call; the first of a run of them overwrites
+        the factors. ``init=False``: ``Omega <- xi Omega + (1-xi) Omega_hat`` (Eqn 33); the
+        very first update of a layer, init or not, sets its factors directly.
+        """
+        oks: list[Tensor] = []
+        for name, (omega_hat, gamma_hat) in estimates.items():
+            block = self.blocks[name]
+            if init:
+                oks.append(block.accumulate_init(omega_hat, gamma_hat, self.num_init_batches))
+            else:
+                oks.append(block.update_ema(omega_hat, gamma_hat, self.stat_decay))
+        for name in [n for n in self.blocks if n not in estimates]:
+            if name not in self._warned_unused:
+                self._warned_unused.add(name)
+                warn(f"kfc: layer {name!r} did not run in the statistics forward pass; factors not updated")
+        if init:
+            self.num_init_batches += 1
+        else:
+            # The next init=True call starts a fresh initialisation.
+            self.num_init_batches = 0
+            self.num_ema_updates += 1
+        return (~torch.stack(oks)).sum() if oks else torch.zeros((), dtype=torch.long)
+
+    def update_statistics(
+        self,
+        inputs: Tensor,
+        targets: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        init: bool = False,
+    ) -> StatisticsUpdate:
+        """:meth:`estimate_statistics` on all of ``inputs``, then :meth:`fold_statistics`."""
+        start = time.perf_counter()
+        estimates = self.estimate_statistics(inputs, targets, generator=generator)
+        nonfinite = self.fold_statistics(estimates, init=init)
+        return StatisticsUpdate(inputs.shape[0], nonfinite, time.perf_counter() - start)
+
+    # -- inverses -----------------------------------------------------------------------------
+    def _weight_decays(self, weight_decay: Mapping[str, float] | float) -> dict[str, float]:
+        if isinstance(weight_decay, Mapping):
+            missing = [n for n in self.blocks if n not in weight_decay]
+            if missing:
+                raise ValueError(f"weight_decay has no entry for layers {missing}")
+            return {n: float(weight_decay[n]) for n in self.blocks}
+        return dict.fromkeys(self.blocks, float(weight_decay))
+
+    def update_inverses(
+        self, damping: float | Sequence[float], weight_decay: Mapping[str, float] | float
+    ) -> InverseUpdate:
+        """Refit every block's damped inverse from the current factors.
+
+        ``damping`` is ``gamma``, or several values to fit at once (candidate ``i`` is
+        solved by ``precondition(..., index=i)``); ``weight_decay`` is ``lam``, one float
+        for all layers or a ``{name: lam}`` dict covering every layer. Reads every
+        block's success flags in one host sync, then finishes each fit.
+        """
+        if not self.has_statistics and any(b.omega is None for b in self.blocks.values()):
+            raise RuntimeError("KFCCurvature.update_inverses() called before any update_statistics()")
+        start = time.perf_counter()
+        dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(d) for d in damping]
+        lams = self._weight_decays(weight_decay)
+        totals = {name: [lams[name] + g for g in dampings] for name in self.blocks}
+        for name, block in self.blocks.items():
+            for total in totals[name]:
+                if not math.isfinite(total) or total < 0:
+                    raise ValueError(f"lam + gamma must be finite and >= 0, got {total} for layer {name!r}")
+                if block.inverse.needs_positive_total and total <= 0:
+                    raise ValueError(
+                        f"damping_mode={self.damping_mode.value!r} needs lam + gamma > 0, "
+                        f"got {total} for layer {name!r}"
+                    )
+        pending = {
+            name: block.prepare_inverse(totals[name], self.inverse_dtype) for name, block in self.blocks.items()
+        }
+        flags = _read_flags(list(pending.values()))
+        result = InverseUpdate()
+        for (name, block), block_flags in zip(self.blocks.items(), flags, strict=True):
+            result.nonfinite += int(not block_flags[0])
+            block.inverse.commit(block_flags)
+            result.summaries[name] = block.inverse.summary()
+        self.num_inverse_updates += 1
+        result.seconds = time.perf_counter() - start
+        return result
+
+    # -- preconditioning ----------------------------------------------------------------------
+    def precondition(self, grads: Mapping[str, Tensor], index: int = 0) -> dict[str, Tensor]:
+        """Apply each layer's inverse damped Fisher block to its combined gradient ``G``.
+
+        ``grads[name]`` has shape ``I x omega_dim``. Pi mode: ``Gamma_d^{-1} G Omega_d^{-1}``
+        (Eqn 29); exact mode: ``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + lam + gamma)] Q_O^T``
+        (Eqns 42-44). ``index`` picks the damping candidate of the last ``update_inverses``.
+        Returns tensors of the same shape and dtype as the inputs.
+        """
+        out: dict[str, Tensor] = {}
+        for name, grad in grads.items():
+            block = self.blocks.get(name)
+            if block is None:
+                raise KeyError(f"kfc: no KFC layer named {name!r}; known: {list(self.blocks)}")
+            out[name] = block.solve(grad, index)
+        return out
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, inverse-side state and counters (tensors cloned; loads back bitwise)."""
+        return {
+            "format": _STATE_FORMAT,
+            "damping_mode": self.damping_mode.value,
+            "fisher_type": self.fisher_type.value,
+            "num_init_batches": self.num_init_batches,
+            "num_ema_updates": self.num_ema_updates,
+            "num_inverse_updates": self.num_inverse_updates,
+            "layers": {name: block.state_dict() for name, block in self.blocks.items()},
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Layer names and ``damping_mode`` must match this object."""
+        if state_dict.get("format") != _STATE_FORMAT:
+            raise ValueError(f"kfc: unknown KFCCurvature state format {state_dict.get('format')!r}")
+        if state_dict["damping_mode"] != self.damping_mode.value:
+            raise ValueError(
+                f"kfc: state was saved with damping_mode={state_dict['damping_mode']!r}, "
+                f"this object uses {self.damping_mode.value!r}"
+            )
+        layers = state_dict["layers"]
+        if list(layers) != list(self.blocks):
+            raise ValueError(f"kfc: state has layers {list(layers)}, the model has {list(self.blocks)}")
+        for name, block in self.blocks.items():
+            block.load_state_dict(layers[name])
+        self.num_init_batches = int(state_dict["num_init_batches"])
+        self.num_ema_updates = int(state_dict["num_ema_updates"])
+        self.num_inverse_updates = int(state_dict["num_inverse_updates"])
+
+
+def _read_flags(flags: list[Tensor]) -> list[list[bool]]:
+    """Every block's success flags, read in ONE host sync, split back per block."""
+    if not flags:
+        return []
+    device = flags[0].device
+    values = torch.cat([f.to(device) for f in flags]).tolist()
+    out, start = [], 0
+    for f in flags:
+        out.append([bool(v) for v in values[start : start + f.numel()]])
+        start += f.numel()
+    return out
