@@ -14,7 +14,7 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import hydra
@@ -29,7 +29,7 @@ log = logging.getLogger("kfcrun")
 
 CONFIG_MODULE = "kfcrun.configs"
 CONFIG_NAME = "config"
-CONFIG_GROUPS = ("dataset", "model", "optimizer", "trainer", "logger", "experiment", "sweep")
+CONFIG_GROUPS = ("dataset", "model", "optimizer", "trainer", "logger", "experiment", "sweep", "debug")
 
 # One id per process: two runs started in the same second get different directories.
 _RUN_UID = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
@@ -170,11 +170,11 @@ def _validate_layer_names(cfg: DictConfig) -> None:
         return
     import torch
 
-    from kfcrun.models import model_from_config
+    from kfcrun.builders import build_model
     from kfcrun.optim.param_groups import layer_weight_decays
 
     with torch.device("meta"):
-        model = model_from_config(cfg.model, cfg.dataset)
+        model = build_model(cfg.model, cfg.dataset)
     layer_weight_decays(model, 0.0, dict(cfg.optimizer.layer_weight_decay))
 
 
@@ -244,8 +244,30 @@ def resumed_config(cfg: DictConfig, task_overrides: Sequence[str]) -> DictConfig
     return saved
 
 
+def _train_task(cfg: DictConfig, run_dir: Path) -> float | None:
+    from kfcrun.train import train
+
+    row = train(cfg, run_dir)
+    value = row.get(cfg.objective)
+    return None if value is None else float(value)
+
+
+def _assumptions_task(cfg: DictConfig, run_dir: Path) -> float | None:
+    from kfcrun.studies.assumptions import run_assumption_study
+
+    run_assumption_study(cfg, run_dir)
+    return None
+
+
+#: ``task=<name>`` -> the function that runs it in ``run_dir`` and returns the sweep objective.
+TASKS: dict[str, Callable[[DictConfig, Path], float | None]] = {
+    "train": _train_task,
+    "assumptions": _assumptions_task,
+}
+
+
 def run_task(cfg: DictConfig) -> float | None:
-    """Run one job: validate, then train (or run the assumption study). Returns the objective."""
+    """Run one job: validate, then dispatch ``cfg.task`` through :data:`TASKS`. Returns the objective."""
     from kfcrun.config import validate_config
 
     hydra_cfg = HydraConfig.get()
@@ -256,16 +278,7 @@ def run_task(cfg: DictConfig) -> float | None:
             cfg = resumed_config(cfg, hydra_cfg.overrides.task)
             run_dir = Path(cfg.resume)
         validate_config(cfg)
-        if cfg.task == "assumptions":
-            from kfcrun.analysis.assumptions import run_assumption_study
-
-            run_assumption_study(cfg, run_dir)
-            return None
-        from kfcrun.train import train
-
-        row = train(cfg, run_dir)
-        value = row.get(cfg.objective)
-        return None if value is None else float(value)
+        return TASKS[cfg.task](cfg, run_dir)
     except KfcrunError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -1,13 +1,15 @@
-"""The training loop, readable top to bottom.
+"""The training loop, in named phases.
 
-One run: load the data once as tensors on the device, build the network and the
-optimizer, optionally restore a checkpoint, then iterate
+One run (:class:`Trainer`): load the data once as tensors on the device, build the
+network and the optimizer, restore a checkpoint or start fresh, let the optimizer
+initialize (KFC-pre's initial curvature estimate), then iterate
 
-    batch -> forward -> loss -> backward -> optimizer.step()
+    batch -> forward -> loss -> backward -> optimizer.step(inputs=..., targets=...)
 
 and every ``trainer.eval_every`` iterations evaluate the AVERAGED parameters (the
 reported result, paper App. A.1) and the current ones on a fixed training subset and
-on the full test set.
+on the full test set. The optimizer is used only through
+:class:`~kfcrun.optim.protocol.TrainingOptimizer`.
 
 The training clock (``train_time_s``) counts only the training steps: the device is
 synchronized before the clock is read, and data preparation, evaluation, logging and
@@ -16,11 +18,13 @@ checkpointing happen outside the timed region (paper Sec. 5.2 plots against it).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,16 +35,19 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from kfcrun.builders import build_model, build_optimizer
 from kfcrun.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from kfcrun.data import DeviceBatches, ImageData, Preprocessor, load_dataset
+from kfcrun.data import DatasetConfig, DeviceBatches, ImageData, Preprocessor
 from kfcrun.errors import ConfigError, TrainingDivergedError
 from kfcrun.evaluate import evaluate
 from kfcrun.logging import MetricsLogger, run_record, truncate_metrics, write_json
-from kfcrun.models import model_from_config
-from kfcrun.optim import build_optimizer
 from kfcrun.optim.constraints import apply_max_norm
+from kfcrun.optim.protocol import TrainingOptimizer
+from kfcrun.settings import LoggerSettings, TrainerSettings, from_section
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Clock", "Trainer", "resolve_device", "total_iterations", "train"]
 
 
 @dataclass
@@ -69,6 +76,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA if available, else CPU; a CUDA name without a device is a config error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -80,33 +88,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
+def dataset_config(cfg: DictConfig) -> DatasetConfig:
+    """The ``dataset`` section as :class:`~kfcrun.data.DatasetConfig`."""
+    return from_section(DatasetConfig, OmegaConf.to_container(cfg.dataset, resolve=True))  # type: ignore[arg-type]
+
+
 def load_data(cfg: DictConfig) -> ImageData:
-    d = cfg.dataset
-    synthetic = None
-    if d.name == "synthetic":
-        synthetic = {
-            "num_train": d.num_train,
-            "num_test": d.num_test,
-            "num_classes": d.num_classes,
-            "channels": d.channels,
-            "image_size": d.image_size,
-            "seed": cfg.seed,
-        }
-    return load_dataset(
-        d.name,
-        d.root,
-        download=d.download,
-        cache_dir=Path(d.cache_dir).expanduser() if d.cache_dir else None,
-        format=d.format,
-        use_extra=d.use_extra,
-        synthetic=synthetic,
-        progress=cfg.trainer.progress,
-    )
+    """The run's dataset, as uint8 tensors (decoded once, then cached)."""
+    return dataset_config(cfg).load(seed=cfg.seed, progress=cfg.trainer.progress)
 
 
 def total_iterations(cfg: DictConfig, batches_per_epoch: int) -> int:
@@ -119,211 +114,257 @@ def total_iterations(cfg: DictConfig, batches_per_epoch: int) -> int:
     return min(limits)
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train as ``cfg`` says, writing everything under ``run_dir``; returns the final metrics row."""
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.trainer.device)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    seed_everything(cfg.seed)
+class Trainer:
+    """One training run, as named phases: :meth:`setup`, :meth:`restore_or_start`,
+    :meth:`initialize_optimizer`, then :meth:`fit` (steps, logging, evaluation, checkpoints).
 
-    # ---- data: decoded once, kept whole on the device, shuffled by permutation -------------
-    data = load_data(cfg)
-    preprocess = Preprocessor.fit(
-        data.train_images, mean=cfg.dataset.mean, std=cfg.dataset.std, pixel_scale=cfg.dataset.pixel_scale
-    ).to(device)
-    batches = DeviceBatches(
-        data.train_images.to(device), data.train_labels.to(device), cfg.trainer.batch_size, seed=cfg.seed
-    )
-    subset = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.seed))
-    subset = subset[: cfg.trainer.train_eval_size]
-    eval_sets = {
-        "train": (data.train_images[subset].to(device), data.train_labels[subset].to(device)),
-        "test": (data.test_images.to(device), data.test_labels.to(device)),
-    }
-    max_iters = total_iterations(cfg, batches.batches_per_epoch)
+    Args:
+        cfg: the validated run config.
+        run_dir: where everything is written.
+    """
 
-    # ---- model and optimizer ----------------------------------------------------------------
-    model = model_from_config(cfg.model, cfg.dataset).to(device)
-    optimizer = build_optimizer(cfg.optimizer, model, cfg.trainer.batch_size, seed=cfg.seed)
+    def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.settings: TrainerSettings = from_section(TrainerSettings, cfg.trainer)
+        self.logger_settings: LoggerSettings = from_section(LoggerSettings, cfg.logger)
+        self.device = resolve_device(self.settings.device)
+        self.clock = Clock(self.device)
+        self.iteration = 0
+        self.resumed = cfg.resume is not None
+        self.checkpoint_file = checkpoint_path(self.run_dir)
+        self.last_checkpoint: tuple[int, Path] | None = None
+        self.last_row: dict[str, Any] = {}
+        self.wall_start = time.perf_counter()
 
-    # ---- resume, or start fresh ---------------------------------------------------------------
-    iteration, clock = 0, Clock(device)
-    ckpt_file = checkpoint_path(run_dir)
-    if cfg.resume is not None:
-        state = load_checkpoint(ckpt_file, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        batches.load_state_dict(state["batches"])
-        iteration, clock.total_s = state["iteration"], state["train_time_s"]
-        set_rng_state(state["rng"])
-        truncate_metrics(run_dir / "metrics.jsonl", iteration)
-        log.info("resuming %s at iteration %d (%.1f s of training)", run_dir, iteration, clock.total_s)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    record = run_record(
-        device, {"run_dir": str(run_dir.resolve()), "max_iters": max_iters, "data": data.source}
-    )
-    _update_run_json(run_dir, record, resumed=cfg.resume is not None, iteration=iteration)
+    # -- phase 1: data, network, optimizer --------------------------------------------------------
+    def setup(self) -> None:
+        """Load the data onto the device, then build the network and the optimizer (in that order: RNG)."""
+        cfg, device, settings = self.cfg, self.device, self.settings
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        seed_everything(cfg.seed)
 
-    logger = MetricsLogger(
-        run_dir,
-        start_walltime=time.time() - clock.total_s,
-        purge_step=iteration + 1 if cfg.resume is not None else None,
-        tensorboard=cfg.logger.tensorboard,
-    )
-    last_checkpoint: tuple[int, Path] | None = (iteration, ckpt_file) if cfg.resume is not None else None
+        data = load_data(cfg)
+        self.data = data
+        self.preprocess: Preprocessor = dataset_config(cfg).preprocessor(data.train_images).to(device)
+        self.batches = DeviceBatches(
+            data.train_images.to(device), data.train_labels.to(device), settings.batch_size, seed=cfg.seed
+        )
+        subset = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.seed))
+        subset = subset[: settings.train_eval_size]
+        self.eval_sets = {
+            "train": (data.train_images[subset].to(device), data.train_labels[subset].to(device)),
+            "test": (data.test_images.to(device), data.test_labels.to(device)),
+        }
+        epoch = self.batches.batches_per_epoch
+        self.max_iters = total_iterations(cfg, epoch)
+        self.eval_every = settings.iterations(settings.eval_every, epoch)
+        self.checkpoint_every = (
+            None if settings.checkpoint_every is None else settings.iterations(settings.checkpoint_every, epoch)
+        )
 
-    def checkpoint() -> None:
-        nonlocal last_checkpoint
+        self.model = build_model(cfg.model, cfg.dataset).to(device)
+        self.optimizer: TrainingOptimizer = build_optimizer(
+            cfg.optimizer, self.model, settings.batch_size, seed=cfg.seed
+        )
+
+    # -- phase 2: resume, or start fresh --------------------------------------------------------
+    def restore_or_start(self) -> None:
+        """Load the last checkpoint of ``cfg.resume``, or create the run directory and its ``config.yaml``."""
+        cfg = self.cfg
+        if self.resumed:
+            state = load_checkpoint(self.checkpoint_file, map_location=self.device)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.batches.load_state_dict(state["batches"])
+            self.iteration, self.clock.total_s = state["iteration"], state["train_time_s"]
+            set_rng_state(state["rng"])
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
+            self.last_checkpoint = (self.iteration, self.checkpoint_file)
+            log.info(
+                "resuming %s at iteration %d (%.1f s of training)", self.run_dir, self.iteration, self.clock.total_s
+            )
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        record = run_record(
+            self.device,
+            {"run_dir": str(self.run_dir.resolve()), "max_iters": self.max_iters, "data": self.data.source},
+        )
+        _update_run_json(self.run_dir, record, resumed=self.resumed, iteration=self.iteration)
+        self.logger = MetricsLogger(
+            self.run_dir,
+            start_walltime=time.time() - self.clock.total_s,
+            purge_step=self.iteration + 1 if self.resumed else None,
+            tensorboard=self.logger_settings.tensorboard,
+        )
+
+    # -- phase 3: the optimizer's own initialization (on the training clock) --------------------
+    def initialize_optimizer(self) -> None:
+        """Feed the optimizer ``init_examples`` training examples before the first step.
+
+        KFC-pre estimates its factors on a large training subset (Algorithm 1); that is
+        part of the method, so it is on the training clock.
+        """
+        self.wall_start = time.perf_counter()
+        if self.iteration != 0 or self.optimizer.init_examples <= 0:
+            return
+        self.clock.start()
+        self.optimizer.initialize(self._initial_batches())
+        self.clock.stop()
+        log.info("estimated initial curvature factors in %.1f s", self.clock.total_s)
+
+    def _initial_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(inputs, labels)`` batches of a fixed random training subset (seeded apart from the data order)."""
+        images, labels = self.data.train_images, self.data.train_labels
+        count = min(self.optimizer.init_examples, len(images))
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed + 1))[:count]
+        size = self.settings.batch_size
+        for start in range(0, count, size):
+            idx = order[start : start + size]
+            yield self.preprocess(images[idx].to(self.device)), labels[idx].to(self.device)
+
+    # -- phase 4: the loop ------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to ``max_iters``: steps, then logging, evaluation and checkpoints when due."""
+        self.model.train()
+        recent_losses: list[torch.Tensor] = []
+        bar = tqdm(
+            total=self.max_iters,
+            initial=self.iteration,
+            disable=not self.settings.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            desc=self.cfg.name,
+        )
+        try:
+            while self.iteration < self.max_iters:
+                loss = self.train_step()
+                recent_losses.append(loss)
+                eval_due = self.iteration % self.eval_every == 0 or self.iteration == self.max_iters
+                ckpt_due = self.checkpoint_every is not None and (
+                    self.iteration % self.checkpoint_every == 0 or self.iteration == self.max_iters
+                )
+                if self.iteration % self.settings.log_every == 0 or eval_due or ckpt_due:
+                    self.log_steps(torch.stack(recent_losses), bar)
+                    recent_losses.clear()
+                if eval_due:
+                    self.last_row = self.evaluation_row()
+                    self.logger.row(self.last_row)
+                    self._show(bar, loss)
+                if ckpt_due:
+                    self.checkpoint()
+                bar.update(1)
+        finally:
+            bar.close()
+            self.logger.close()
+        return self.last_row
+
+    def train_step(self) -> torch.Tensor:
+        """One timed update; returns the mini-batch loss (on the device, no sync)."""
+        images, labels = next(self.batches)
+        inputs = self.preprocess(images)  # data preparation stays off the training clock
+        self.clock.start()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(inputs), labels)
+        loss.backward()
+        self.optimizer.step(inputs=inputs, targets=labels if self.optimizer.needs_labels else None)
+        if self.cfg.model.max_norm is not None:
+            apply_max_norm(self.model, self.cfg.model.max_norm)
+        self.clock.stop()
+        self.iteration += 1
+        return loss.detach()
+
+    def log_steps(self, losses: torch.Tensor, bar: tqdm) -> None:
+        """Check the recent losses are finite, and log them with the optimizer's step statistics."""
+        _check_finite(losses, self.iteration, self.last_checkpoint, self.cfg)
+        self.logger.scalars(
+            {
+                "train/batch_loss": losses.mean(),
+                **{f"kfc/{k}": v for k, v in self.optimizer.step_stats().items()},
+            },
+            step=self.iteration,
+            train_time_s=self.clock.total_s,
+        )
+        self._show(bar, losses[-1])
+
+    def _show(self, bar: tqdm, loss: torch.Tensor) -> None:
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}",
+            test_err=_pct(self.last_row.get("test/error")),
+            train_s=f"{self.clock.total_s:.0f}",
+            refresh=False,
+        )
+
+    def evaluation_row(self) -> dict[str, Any]:
+        """Averaged (and current) parameters on the training subset and the test set."""
+        row: dict[str, Any] = {
+            "iter": self.iteration,
+            "examples": self.iteration * self.settings.batch_size,
+            "epoch": self.iteration / self.batches.batches_per_epoch,
+            "train_time_s": self.clock.total_s,
+            "elapsed_s": time.perf_counter() - self.wall_start,
+        }
+        with self.optimizer.averaged_parameters():
+            row.update(self._evaluate(suffix=""))
+        if self.settings.eval_current:
+            row.update(self._evaluate(suffix="_current"))
+        row.update({f"time/{k}": v for k, v in self.optimizer.phase_times.items()})
+        return row
+
+    def _evaluate(self, suffix: str) -> dict[str, Any]:
+        out = {}
+        for split, (images, labels) in self.eval_sets.items():
+            metrics = evaluate(self.model, images, labels, self.preprocess, self.settings.eval_batch_size)
+            out.update({f"{split}/{key}{suffix}": value for key, value in metrics.items()})
+        return out
+
+    def checkpoint(self) -> None:
+        """Write ``checkpoints/last.pt`` atomically, unless the parameters already diverged."""
+        cfg = self.cfg
         # Never overwrite the last good checkpoint with parameters that already diverged.
-        if not bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all()):
+        if not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
             raise TrainingDivergedError(
-                f"parameters became non-finite by iteration {iteration}; "
-                f"{_where(last_checkpoint)}; fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
+                f"parameters became non-finite by iteration {self.iteration}; "
+                f"{_where(self.last_checkpoint)}; fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
             )
         save_checkpoint(
-            ckpt_file,
+            self.checkpoint_file,
             {
-                "iteration": iteration,
-                "train_time_s": clock.total_s,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "batches": batches.state_dict(),
+                "iteration": self.iteration,
+                "train_time_s": self.clock.total_s,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "batches": self.batches.state_dict(),
                 "rng": rng_state(),
                 "config": OmegaConf.to_container(cfg, resolve=True),
             },
         )
-        last_checkpoint = (iteration, ckpt_file)
+        self.last_checkpoint = (self.iteration, self.checkpoint_file)
 
-    def evaluation_row() -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "iter": iteration,
-            "examples": iteration * cfg.trainer.batch_size,
-            "epoch": iteration / batches.batches_per_epoch,
-            "train_time_s": clock.total_s,
-            "elapsed_s": time.perf_counter() - wall_start,
-        }
-        with optimizer.averaged_parameters():
-            for split, (images, labels) in eval_sets.items():
-                for key, value in evaluate(
-                    model, images, labels, preprocess, cfg.trainer.eval_batch_size
-                ).items():
-                    row[f"{split}/{key}"] = value
-        if cfg.trainer.eval_current:
-            for split, (images, labels) in eval_sets.items():
-                for key, value in evaluate(
-                    model, images, labels, preprocess, cfg.trainer.eval_batch_size
-                ).items():
-                    row[f"{split}/{key}_current"] = value
-        row.update({f"time/{k}": v for k, v in optimizer_times(optimizer).items()})
-        return row
-
-    # KFC-pre estimates its factors on a large training subset before the first step
-    # (Algorithm 1); that is part of the method, so it is on the training clock.
-    wall_start = time.perf_counter()
-    if iteration == 0 and optimizer.init_examples > 0:
-        clock.start()
-        optimizer.initialize(_initial_batches(cfg, optimizer, data, preprocess, device))
-        clock.stop()
-        log.info("estimated initial curvature factors in %.1f s", clock.total_s)
-
-    # ---- the loop -----------------------------------------------------------------------------
-    model.train()
-    recent_losses: list[torch.Tensor] = []
-    last_row: dict[str, Any] = {}
-    bar = tqdm(
-        total=max_iters,
-        initial=iteration,
-        disable=not cfg.trainer.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-        desc=cfg.name,
-    )
-    try:
-        while iteration < max_iters:
-            images, labels = next(batches)
-            inputs = preprocess(images)  # data preparation stays off the training clock
-
-            clock.start()
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(inputs), labels)
-            loss.backward()
-            optimizer.step(inputs=inputs, targets=labels if optimizer.needs_labels else None)
-            if cfg.model.max_norm is not None:
-                apply_max_norm(model, cfg.model.max_norm)
-            clock.stop()
-            iteration += 1
-            recent_losses.append(loss.detach())
-
-            eval_due = iteration % cfg.trainer.eval_every == 0 or iteration == max_iters
-            ckpt_due = cfg.trainer.checkpoint_every is not None and (
-                iteration % cfg.trainer.checkpoint_every == 0 or iteration == max_iters
-            )
-            if iteration % cfg.trainer.log_every == 0 or eval_due or ckpt_due:
-                losses = torch.stack(recent_losses)
-                _check_finite(losses, iteration, last_checkpoint, cfg)
-                logger.scalars(
-                    {
-                        "train/batch_loss": losses.mean(),
-                        **{f"kfc/{k}": v for k, v in optimizer.step_stats().items()},
-                    },
-                    step=iteration,
-                    train_time_s=clock.total_s,
-                )
-                bar.set_postfix(
-                    loss=f"{losses[-1].item():.3f}",
-                    test_err=_pct(last_row.get("test/error")),
-                    train_s=f"{clock.total_s:.0f}",
-                    refresh=False,
-                )
-                recent_losses.clear()
-            if eval_due:
-                last_row = evaluation_row()
-                logger.row(last_row)
-                bar.set_postfix(
-                    loss=f"{loss.item():.3f}",
-                    test_err=_pct(last_row["test/error"]),
-                    train_s=f"{clock.total_s:.0f}",
-                    refresh=False,
-                )
-            if ckpt_due:
-                checkpoint()
-            bar.update(1)
-    finally:
-        bar.close()
-        logger.close()
-
-    per_iter = clock.total_s / max(iteration, 1)
-    print(
-        f"kfcrun: {cfg.name} done: {iteration} iterations ({iteration * cfg.trainer.batch_size:,} examples) "
-        f"in {clock.total_s:.1f} s of training ({per_iter:.3f} s/iter); averaged parameters: "
-        f"train error {_pct(last_row.get('train/error'))}, test error {_pct(last_row.get('test/error'))}, "
-        f"test NLL {last_row.get('test/nll', float('nan')):.3f}; outputs in {run_dir}",
-        flush=True,
-    )
-    return last_row
+    # -- the end ----------------------------------------------------------------------------------
+    def summary_line(self) -> str:
+        """The one line printed when the run is done."""
+        cfg, row, it = self.cfg, self.last_row, self.iteration
+        per_iter = self.clock.total_s / max(it, 1)
+        return (
+            f"kfcrun: {cfg.name} done: {it} iterations ({it * self.settings.batch_size:,} examples) "
+            f"in {self.clock.total_s:.1f} s of training ({per_iter:.3f} s/iter); averaged parameters: "
+            f"train error {_pct(row.get('train/error'))}, test error {_pct(row.get('test/error'))}, "
+            f"test NLL {row.get('test/nll', float('nan')):.3f}; outputs in {self.run_dir}"
+        )
 
 
-def optimizer_times(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Cumulative seconds per optimizer phase, if the optimizer keeps them (KFC-pre does)."""
-    times = getattr(optimizer, "phase_times", None)
-    return dict(times) if times else {}
-
-
-def _initial_batches(
-    cfg: DictConfig, optimizer: Any, data: ImageData, preprocess: Preprocessor, device: torch.device
-):
-    """``(inputs, labels)`` batches of a fixed random training subset: KFC-pre's initial factor estimate."""
-    count = min(optimizer.init_examples, len(data.train_images))
-    order = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.seed + 1))[
-        :count
-    ]
-    size = cfg.trainer.batch_size
-    for start in range(0, count, size):
-        idx = order[start : start + size]
-        yield preprocess(data.train_images[idx].to(device)), data.train_labels[idx].to(device)
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Train as ``cfg`` says, writing everything under ``run_dir``; returns the final metrics row."""
+    trainer = Trainer(cfg, run_dir)
+    trainer.setup()
+    trainer.restore_or_start()
+    trainer.initialize_optimizer()
+    row = trainer.fit()
+    print(trainer.summary_line(), flush=True)
+    return row
 
 
 def _check_finite(
@@ -348,7 +389,7 @@ def _where(last_checkpoint: tuple[int, Path] | None) -> str:
 
 
 def _knob(cfg: DictConfig) -> str:
-    if cfg.optimizer.name == "kfc_pre":
+    if "damping" in cfg.optimizer:
         return "raise optimizer.damping or lower optimizer.lr"
     return "lower optimizer.lr"
 
@@ -358,8 +399,6 @@ def _pct(value: float | None) -> str:
 
 
 def _update_run_json(run_dir: Path, record: dict[str, Any], resumed: bool, iteration: int) -> None:
-    import json
-
     path = run_dir / "run.json"
     if resumed and path.exists():
         payload = json.loads(path.read_text())
@@ -367,6 +406,3 @@ def _update_run_json(run_dir: Path, record: dict[str, Any], resumed: bool, itera
     else:
         payload = record
     write_json(path, payload)
-
-
-__all__ = ["Clock", "resolve_device", "total_iterations", "train"]

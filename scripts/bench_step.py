@@ -39,7 +39,8 @@ from omegaconf import DictConfig
 
 from kfcrun.cli import compose_run_config
 from kfcrun.models import build_model
-from kfcrun.optim import KFCPre, build_optimizer
+from kfcrun.builders import build_optimizer
+from kfcrun.optim import KFCPre
 
 PHASES = ("statistics", "inverses", "precondition", "nu")
 #: KFC-pre settings that set its cost (App. A.3), overridable from the command line.

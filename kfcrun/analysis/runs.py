@@ -1,6 +1,6 @@
 """Loading finished (or running) training runs for tables and figures.
 
-A *run directory* is one written by ``kfcrun`` (``kfcrun.train.train``): it holds the
+A *run directory* is one written by a ``kfcrun task=train`` run: it holds the
 resolved config in ``config.yaml`` and one row per evaluation in ``metrics.jsonl``
 (see :mod:`kfcrun.logging.metrics` for the fields). A *sweep directory* is a Hydra
 multirun directory: a ``multirun.yaml`` and one job directory per job, e.g.

@@ -1,4 +1,5 @@
-"""The paper's networks, built by name from the ``model`` config group."""
+"""The paper's networks. The runner builds them from ``configs/model/*.yaml`` (``_target_``,
+:mod:`kfcrun.builders`); :func:`build_model` builds one by its config name, for scripts."""
 
 from __future__ import annotations
 
@@ -43,24 +44,10 @@ def build_model(
     return MODELS[name](**kwargs)
 
 
-def model_from_config(model_cfg: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> nn.Module:
-    """The network a ``model`` config section describes, shaped for a ``dataset`` section."""
-    return build_model(
-        model_cfg["name"],
-        num_classes=dataset_cfg["num_classes"],
-        in_channels=dataset_cfg["channels"],
-        image_size=dataset_cfg["image_size"],
-        batch_norm=bool(model_cfg.get("batch_norm", False)),
-        pooling=str(model_cfg.get("pooling", "paper")),
-        dropout=bool(model_cfg.get("dropout", True)),
-    )
-
-
 __all__ = [
     "MODELS",
     "CudaConvnetCifar10",
     "SpatialResponseNorm",
     "SrivastavaSVHNNet",
     "build_model",
-    "model_from_config",
 ]

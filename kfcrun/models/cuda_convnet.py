@@ -20,7 +20,11 @@ the 0-255 scale (cuda-convnet's ``convdata.py``); those init scales assume it.
 from __future__ import annotations
 
 import torch
+from typing import Annotated
+
 from torch import nn
+
+from kfcrun.schema import boolean, choice
 
 from kfcrun.models.layers import SpatialResponseNorm, pool_3x3_stride2, resolve_pooling
 
@@ -46,8 +50,8 @@ class CudaConvnetCifar10(nn.Module):
         self,
         num_classes: int = 10,
         in_channels: int = 3,
-        batch_norm: bool = False,
-        pooling: str = "paper",
+        batch_norm: Annotated[bool, boolean()] = False,
+        pooling: Annotated[str, choice("paper", "max", "avg")] = "paper",
         image_size: int = 32,
     ) -> None:
         super().__init__()

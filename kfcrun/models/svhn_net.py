@@ -23,7 +23,11 @@ Not confirmed by the sources (our choices, documented):
 from __future__ import annotations
 
 import torch
+from typing import Annotated
+
 from torch import nn
+
+from kfcrun.schema import boolean, choice
 
 from kfcrun.models.layers import pool_3x3_stride2, resolve_pooling
 
@@ -48,9 +52,9 @@ class SrivastavaSVHNNet(nn.Module):
         self,
         num_classes: int = 10,
         in_channels: int = 3,
-        batch_norm: bool = False,
-        pooling: str = "paper",
-        dropout: bool = True,
+        batch_norm: Annotated[bool, boolean()] = False,
+        pooling: Annotated[str, choice("paper", "max", "avg")] = "paper",
+        dropout: Annotated[bool, boolean()] = True,
         image_size: int = 32,
     ) -> None:
         super().__init__()

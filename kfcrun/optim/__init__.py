@@ -5,7 +5,6 @@ training loop uses (initialize, step with the mini-batch, averaged parameters, s
 """
 
 from kfcrun.optim.averaging import IterateAveraging, averaging_decay
-from kfcrun.optim.build import build_optimizer
 from kfcrun.optim.kfc_pre import KFCPre
 from kfcrun.optim.param_groups import build_param_groups, layer_weight_decays, weight_layers
 from kfcrun.optim.protocol import TrainingOptimizer
@@ -17,7 +16,6 @@ __all__ = [
     "KFCPre",
     "TrainingOptimizer",
     "averaging_decay",
-    "build_optimizer",
     "build_param_groups",
     "layer_weight_decays",
     "weight_layers",

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
@@ -43,12 +43,13 @@ from kfcrun.curvature import (
     KroneckerBlock,
     OmegaModel,
 )
-from kfcrun.optim.averaging import IterateAveraging
+from kfcrun.optim.averaging import AVERAGING_MODES, IterateAveraging
 from kfcrun.optim.fisher_vector import fisher_quadratic
 from kfcrun.optim.inputs import BatchRecorder
 from kfcrun.optim.param_groups import layer_weight_decays
 from kfcrun.optim.protocol import InitBatch
 from kfcrun.optim.timing import PhaseTimer
+from kfcrun.schema import boolean, check_arguments, choice, integer, mapping_of_numbers, number
 
 #: Names of the timed phases, as reported by :attr:`KFCPre.phase_times`.
 PHASES = ("statistics", "inverses", "precondition", "nu")
@@ -110,46 +111,43 @@ class KFCPre(torch.optim.Optimizer):
         inverse_dtype: dtype of the inversions (float64 by default: cheap at these sizes).
         record_inputs: register the :class:`~kfcrun.optim.inputs.BatchRecorder` hook so that
             ``step()`` without ``inputs`` finds the batch (see :mod:`kfcrun.optim.inputs`).
+
+    The arguments annotated with a :class:`~kfcrun.schema.Rule` are the config knobs of
+    ``configs/optimizer/kfc_pre.yaml`` (validated from these annotations); ``model``,
+    ``avg_decay`` and ``seed`` are supplied by the runner; the rest are library-only.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
+        lr: Annotated[float, number("0.003", gt=0)],
+        momentum: Annotated[float, number("0.9", ge=0, lt=1)] = 0.9,
+        weight_decay: Annotated[float, number("0.004", ge=0)] = 0.0,
         *,
-        layer_weight_decay: dict[str, float] | None = None,
-        decay_biases: bool = False,
-        damping: float = 1e-3,
-        damping_mode: DampingMode | str = DampingMode.PI,
-        stat_decay: float = 0.95,
-        stats_every: int = 10,
-        inverse_every: int = 20,
-        refresh_until: int = 0,
-        clip: float | None = 0.3,
-        nu_fraction: float = 0.25,
-        stats_fraction: float = 1.0,
-        init_examples: int = 0,
-        fisher: FisherType | str = FisherType.SAMPLED,
-        approx: OmegaModel | str = OmegaModel.KFC,
-        precondition: bool = True,
+        layer_weight_decay: Annotated[dict[str, float] | None, mapping_of_numbers("{fc10: 1.0}")] = None,
+        decay_biases: Annotated[bool, boolean()] = False,
+        damping: Annotated[float, number("0.001", gt=0)] = 1e-3,
+        damping_mode: Annotated[DampingMode | str, choice(DampingMode)] = DampingMode.PI,
+        stat_decay: Annotated[float, number("0.95", ge=0, lt=1)] = 0.95,
+        stats_every: Annotated[int, integer(1, "10")] = 10,
+        inverse_every: Annotated[int, integer(1, "20")] = 20,
+        refresh_until: Annotated[int, integer(0, "0")] = 0,
+        clip: Annotated[float | None, number("0.3", gt=0, optional=True)] = 0.3,
+        nu_fraction: Annotated[float, number("0.25", gt=0, le=1)] = 0.25,
+        stats_fraction: Annotated[float, number("0.25", gt=0, le=1)] = 1.0,
+        init_examples: Annotated[int, integer(0, "10000")] = 0,
+        fisher: Annotated[FisherType | str, choice(FisherType)] = FisherType.SAMPLED,
+        approx: Annotated[OmegaModel | str, choice(OmegaModel)] = OmegaModel.KFC,
+        precondition: Annotated[bool, boolean()] = True,
         avg_decay: float | None = None,
-        avg_mode: str = "paper",
-        avg_start: int = 0,
+        avg_mode: Annotated[str, choice(*AVERAGING_MODES)] = "paper",
+        avg_start: Annotated[int, integer(0, "0")] = 0,
         seed: int = 0,
         chunk_size: int | None = None,
         inverse_dtype: torch.dtype | None = torch.float64,
         record_inputs: bool = True,
     ) -> None:
-        if lr <= 0 or damping <= 0:
-            raise ValueError("lr and damping must be > 0")
-        if not 0.0 < nu_fraction <= 1.0:
-            raise ValueError(f"nu_fraction must be in (0, 1], got {nu_fraction}")
-        if not 0.0 < stats_fraction <= 1.0:
-            raise ValueError(f"stats_fraction must be in (0, 1], got {stats_fraction}")
-        if init_examples < 0:
-            raise ValueError(f"init_examples must be >= 0, got {init_examples}")
+        check_arguments(KFCPre, locals())
         self.schedule = CurvatureSchedule(stats_every, inverse_every, refresh_until)
         self.model = model
         self.curvature = KFCCurvature(

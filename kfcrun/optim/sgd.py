@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from torch import nn
 
-from kfcrun.optim.averaging import IterateAveraging
+from kfcrun.optim.averaging import AVERAGING_MODES, IterateAveraging
+from kfcrun.optim.param_groups import build_param_groups
+from kfcrun.schema import boolean, check_arguments, choice, integer, mapping_of_numbers, number
 
 
 class SGD(torch.optim.SGD):
@@ -56,6 +59,41 @@ class SGD(torch.optim.SGD):
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        lr: Annotated[float, number("0.003", gt=0)],
+        momentum: Annotated[float, number("0.9", ge=0, lt=1)] = 0.9,
+        weight_decay: Annotated[float, number("0.004", ge=0)] = 0.0,
+        *,
+        layer_weight_decay: Annotated[dict[str, float] | None, mapping_of_numbers("{fc10: 1.0}")] = None,
+        decay_biases: Annotated[bool, boolean()] = False,
+        bias_lr_scale: Annotated[float, number("2.0", gt=0)] = 1.0,
+        avg_decay: float | None = None,
+        avg_mode: Annotated[str, choice(*AVERAGING_MODES)] = "paper",
+        avg_start: Annotated[int, integer(0, "0")] = 0,
+        seed: int = 0,
+    ) -> SGD:
+        """SGD on ``model`` with cuda-convnet's per-parameter settings (:func:`~kfcrun.optim.build_param_groups`).
+
+        ``weight_decay`` (and ``layer_weight_decay`` by layer name) is the L2 ``lambda`` of the
+        weight layers' weights, biases get ``lr * bias_lr_scale`` and are decayed only if
+        ``decay_biases``; everything else gets ``lr`` and no decay. The annotated arguments
+        are the knobs of ``configs/optimizer/sgd.yaml``; ``seed`` is accepted for a uniform
+        builder signature and unused (SGD draws nothing).
+        """
+        check_arguments(cls.for_model, locals())
+        groups = build_param_groups(
+            model,
+            lr,
+            weight_decay=weight_decay,
+            layer_weight_decay=layer_weight_decay,
+            bias_lr_scale=bias_lr_scale,
+            decay_biases=decay_biases,
+        )
+        return cls(groups, lr=lr, momentum=momentum, avg_decay=avg_decay, avg_mode=avg_mode, avg_start=avg_start)
 
     @property
     def needs_labels(self) -> bool:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kfcrun.analysis.correlations import (
+from kfcrun.studies.correlations import (
     CorrelationAccumulator,
     autocorrelation,
     cross_map_correlation,

@@ -11,7 +11,7 @@ checks it by looking at, for every conv layer of a trained network,
 * Fig. 2: the same two statistics for the activations (the conv layer's INPUT, whose
   uncentered second moments make up ``Omega``).
 
-Definitions and normalization are in :mod:`kfcrun.analysis.correlations`: uncentered
+Definitions and normalization are in :mod:`kfcrun.studies.correlations`: uncentered
 second moments normalized to correlations (``|rho| <= 1``, ``rho(0) = 1``), pairs only
 where both positions are inside the map. For ``DS`` uncentered = centered, because
 ``E[DS] = 0`` under the model's distribution; for the activations the uncentered
@@ -52,27 +52,29 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from kfcrun.analysis.correlations import (
-    CorrelationAccumulator,
-    mean_abs_cross_map,
-    mean_abs_offcentre,
-)
-from kfcrun.analysis.heatmaps import LayerPanel, plot_correlation_grid
 from kfcrun.analysis.runs import cfg_get
 from kfcrun.checkpoint import checkpoint_path, find_checkpoint, load_checkpoint
 from kfcrun.curvature import kfc_layers, nll_sum, output_derivatives, sample_targets
 from kfcrun.errors import CheckpointError, ConfigError
 from kfcrun.logging import write_json
+from kfcrun.schema import choice, integer, list_of, text
+from kfcrun.studies.correlations import (
+    CorrelationAccumulator,
+    mean_abs_cross_map,
+    mean_abs_offcentre,
+)
+from kfcrun.studies.heatmaps import LayerPanel, plot_correlation_grid
 
 __all__ = [
+    "AssumptionSettings",
     "LayerStatistics",
     "Network",
     "collect_statistics",
@@ -95,6 +97,48 @@ MATCHING_KEYS = (
 #: Model settings taken from the checkpoint's config (they define the architecture).
 MODEL_SETTINGS = ("name", "batch_norm", "pooling", "dropout")
 QUANTITIES = ("derivatives", "activations")
+
+
+@dataclass(frozen=True)
+class AssumptionSettings:
+    """The ``assumptions`` config section: what the study measures, and on which networks.
+
+    Each field carries its config rule (:mod:`kfcrun.schema`); the config validation reads
+    them with ``rules_of(AssumptionSettings, "assumptions.")``. Defaults are those of
+    ``configs/config.yaml``.
+
+    Attributes:
+        num_examples: training images the statistics average over (a fixed random subset,
+            drawn with ``seed``).
+        batch_size: images per forward/backward pass (memory only; results do not depend on it).
+        max_offset: spatial offsets shown: ``delta`` in ``[-max_offset, max_offset]^2`` (Fig. 1a, 2a).
+        feature_maps: the maps whose autocorrelations are drawn (any three, paper Fig. 1a).
+        poolings: networks studied: the published pooling (``paper``, Fig. 1a,b) and
+            average pooling (``avg``, Fig. 1c,d); ``max`` is max pooling everywhere.
+        checkpoint_avg: run dir (or checkpoint file) of a ``model.pooling=avg`` network;
+            ``None``: train one.
+        train_iters: iterations of training for a network no checkpoint provides.
+        mode: ``eval``: the deterministic network; ``train``: dropout on, batch norm with
+            batch statistics (as KFC-pre's statistics pass sees it).
+    """
+
+    num_examples: Annotated[int, integer(1, "2000")] = 2000
+    batch_size: Annotated[int, integer(1, "250")] = 250
+    max_offset: Annotated[int, integer(1, "4")] = 4
+    feature_maps: Annotated[list[int], list_of(integer(0, "0"), "[0,1,2]")] = field(
+        default_factory=lambda: [0, 1, 2]
+    )
+    poolings: Annotated[list[str], list_of(choice("paper", "max", "avg"), "[paper,avg]")] = field(
+        default_factory=lambda: ["paper", "avg"]
+    )
+    checkpoint_avg: Annotated[str | None, text("outputs/<date>/<run>", optional=True)] = None
+    train_iters: Annotated[int, integer(1, "2000")] = 2000
+    mode: Annotated[str, choice("eval", "train")] = "eval"
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> AssumptionSettings:
+        """The settings of a run config's ``assumptions`` section."""
+        return cls(**OmegaConf.to_container(cfg.assumptions, resolve=True))
 
 
 def _say(message: str) -> None:
@@ -232,10 +276,24 @@ def _checkpoint_file(key: str, value: str) -> Path:
 
 
 def build_network(settings: Mapping[str, Any], cfg: DictConfig) -> nn.Module:
-    """The network ``settings`` (a ``model`` config section) describes, for ``cfg``'s dataset."""
-    from kfcrun.models import model_from_config
+    """The network ``settings`` (a ``model`` config section) describes, for ``cfg``'s dataset.
 
-    return model_from_config(settings, cfg.dataset)
+    Sections saved before configs named their ``_target_`` are built by model name.
+    """
+    from kfcrun.builders import build_model
+    from kfcrun.models import build_model as build_model_by_name
+
+    if "_target_" in settings:
+        return build_model(settings, cfg.dataset)
+    return build_model_by_name(
+        settings["name"],
+        num_classes=cfg.dataset.num_classes,
+        in_channels=cfg.dataset.channels,
+        image_size=cfg.dataset.image_size,
+        batch_norm=bool(settings.get("batch_norm", False)),
+        pooling=str(settings.get("pooling", "paper")),
+        dropout=bool(settings.get("dropout", True)),
+    )
 
 
 def load_network(cfg: DictConfig, key: str, value: str) -> Network:
@@ -272,7 +330,7 @@ def load_network(cfg: DictConfig, key: str, value: str) -> Network:
     else:
         _say(f"{target} has no saved config; building it from this run's model settings")
         model_cfg = dict(ours["model"])
-    settings = {k: model_cfg.get(k) for k in MODEL_SETTINGS}
+    settings = {k: v for k, v in model_cfg.items() if k in MODEL_SETTINGS or k == "_target_"}
     model = build_network(settings, cfg)
     try:
         model.load_state_dict(state["model"])
@@ -281,7 +339,7 @@ def load_network(cfg: DictConfig, key: str, value: str) -> Network:
         detail = (detail or str(err).strip() or type(err).__name__)[:300]
         raise ConfigError(
             f"config error: {key}={value} does not fit the network its config describes "
-            f"({', '.join(f'{k}={v}' for k, v in settings.items())}): {detail}; "
+            f"({', '.join(f'{k}={v}' for k, v in settings.items() if k != '_target_')}): {detail}; "
             "fix: point to a checkpoint written by kfcrun for this model"
         ) from err
     return Network(settings["pooling"], model, target, state.get("iteration"), settings)
@@ -299,7 +357,7 @@ def train_network(cfg: DictConfig, pooling: str, train_dir: Path) -> Path:
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
     run_cfg = OmegaConf.create(container)
-    iters = int(cfg.assumptions.train_iters)
+    iters = AssumptionSettings.from_config(cfg).train_iters
     for dotted, value in {
         "task": "train",
         "checkpoint": None,
@@ -323,7 +381,8 @@ def networks_to_study(cfg: DictConfig, run_dir: Path) -> list[Network]:
     ``checkpoint`` is used for the pooling its own config names; ``assumptions.checkpoint_avg``
     must be an average-pooling network.
     """
-    poolings = list(dict.fromkeys(str(p) for p in cfg.assumptions.poolings))
+    settings = AssumptionSettings.from_config(cfg)
+    poolings = list(dict.fromkeys(str(p) for p in settings.poolings))
     given: dict[str, Network] = {}
     if cfg.checkpoint is not None:
         net = load_network(cfg, "checkpoint", cfg.checkpoint)
@@ -334,11 +393,11 @@ def networks_to_study(cfg: DictConfig, run_dir: Path) -> list[Network]:
                 f"fix: assumptions.poolings=[{net.pooling},avg]"
             )
         given[net.pooling] = net
-    if cfg.assumptions.checkpoint_avg is not None:
-        net = load_network(cfg, "assumptions.checkpoint_avg", cfg.assumptions.checkpoint_avg)
+    if settings.checkpoint_avg is not None:
+        net = load_network(cfg, "assumptions.checkpoint_avg", settings.checkpoint_avg)
         if net.pooling != "avg":
             raise ConfigError(
-                f"config error: assumptions.checkpoint_avg={cfg.assumptions.checkpoint_avg} is a "
+                f"config error: assumptions.checkpoint_avg={settings.checkpoint_avg} is a "
                 f"pooling={net.pooling} network; allowed: a run trained with model.pooling=avg; "
                 "fix: point it to such a run, or leave it null to train one"
             )
@@ -396,17 +455,21 @@ def format_table(summary: Mapping[str, Any]) -> str:
 
 
 def run_assumption_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Run the study as ``cfg.assumptions`` says; write figures and ``summary.json``; return the summary."""
+    """Run the study as ``cfg.assumptions`` (:class:`AssumptionSettings`) says.
+
+    Writes the figures, ``correlations_<pooling>.pt`` and ``summary.json`` under
+    ``<run_dir>/assumptions/``; returns the summary.
+    """
     from kfcrun.data import Preprocessor
     from kfcrun.train import load_data, resolve_device
 
-    a = cfg.assumptions
+    settings = AssumptionSettings.from_config(cfg)
     run_dir = Path(run_dir)
     out_dir = run_dir / "assumptions"
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    feature_maps = [int(i) for i in a.feature_maps]
+    feature_maps = [int(i) for i in settings.feature_maps]
     start = time.perf_counter()
 
     with torch.device("meta"):  # refuse bad map indices before any training
@@ -419,12 +482,12 @@ def run_assumption_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     preprocess = Preprocessor.fit(
         data.train_images, mean=cfg.dataset.mean, std=cfg.dataset.std, pixel_scale=cfg.dataset.pixel_scale
     ).to(device)
-    count = min(int(a.num_examples), len(data.train_images))
-    if count < a.num_examples:
+    count = min(settings.num_examples, len(data.train_images))
+    if count < settings.num_examples:
         _say(f"the training set has only {count} images; using all of them")
     subset = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.seed))[:count]
     images = data.train_images[subset]
-    batch_size = int(a.batch_size)
+    batch_size = settings.batch_size
 
     def batches() -> Iterable[Tensor]:
         for lo in range(0, count, batch_size):
@@ -434,9 +497,9 @@ def run_assumption_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "settings": {
             "num_examples": count,
-            "max_offset": int(a.max_offset),
+            "max_offset": settings.max_offset,
             "feature_maps": feature_maps,
-            "mode": str(a.mode),
+            "mode": settings.mode,
             "targets": "sampled from the model's predictive distribution",
             "normalization": "uncentered: E[x x'] / sqrt(E[x^2] E[x'^2]); spatial pairs both in-image",
             "parameters": "current iterate (checkpoint 'model')",
@@ -449,12 +512,13 @@ def run_assumption_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         tag = net.pooling
         _say(
             f"[{tag}] DS (sampled targets) and activations of {', '.join(conv_layers(net.model))} "
-            f"over {count} examples, offsets [-{a.max_offset}, {a.max_offset}]^2, {a.mode} mode"
+            f"over {count} examples, offsets [-{settings.max_offset}, {settings.max_offset}]^2, "
+            f"{settings.mode} mode"
         )
         model = net.model.to(device)
         generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
         stats = collect_statistics(
-            model, batches(), max_offset=int(a.max_offset), generator=generator, mode=str(a.mode)
+            model, batches(), max_offset=settings.max_offset, generator=generator, mode=settings.mode
         )
         summary["networks"][tag] = {
             "checkpoint": str(net.source),
@@ -495,7 +559,7 @@ def run_assumption_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             )
             _say(f"[{tag}] wrote {paths[0]} (+ .pdf)")
         torch.save(
-            {"offsets": list(range(-int(a.max_offset), int(a.max_offset) + 1)), "layers": raw},
+            {"offsets": list(range(-settings.max_offset, settings.max_offset + 1)), "layers": raw},
             out_dir / f"correlations_{tag}.pt",
         )
 

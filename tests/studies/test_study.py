@@ -10,12 +10,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kfcrun.analysis.assumptions import collect_statistics, conv_layers, run_assumption_study
-from kfcrun.analysis.correlations import autocorrelation, cross_map_correlation
 from kfcrun.cli import _compose, _validate
 from kfcrun.curvature import nll_sum, sample_targets
 from kfcrun.errors import CheckpointError, ConfigError
 from kfcrun.models import SrivastavaSVHNNet
+from kfcrun.studies.assumptions import collect_statistics, conv_layers, run_assumption_study
+from kfcrun.studies.correlations import autocorrelation, cross_map_correlation
 from tests.conftest import run_cli
 
 LAYERS = ["conv1", "conv2", "conv3"]
