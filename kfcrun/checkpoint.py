@@ -35,7 +35,9 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return target if target.is_file() else None
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any], companions: Mapping[Path, str] | None = None) -> None:
+def save_checkpoint(
+    path: str | Path, payload: dict[str, Any], companions: Mapping[Path, str] | None = None
+) -> None:
     """``torch.save`` to ``path`` atomically (temp file, fsync, rename).
 
     ``companions`` maps other files to their new text (the run's ``config.yaml``): they are

@@ -27,6 +27,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -39,6 +40,7 @@ from kfcrun.resume import ResumeRequest, resumed_config
 from kfcrun.run_dir import (
     PlannedRunDir,
     holds_run,
+    only_stub,
     plan_run_dir,
     refuse_existing_run,
     remove_stub,
@@ -378,18 +380,21 @@ def run_task(cfg: DictConfig) -> float | None:
         FAILED_JOBS.append((str(run_dir), str(error)))
         return float("nan")
     finally:
-        if not multirun and cfg.resume is None and not holds_run(run_dir):
+        if not multirun:
             _remove_failed_start(run_dir, hydra_cfg)
 
 
-def _remove_failed_start(run_dir: Path, hydra_cfg: DictConfig) -> None:
-    """Close the job log and remove what Hydra created for a job that wrote nothing of its own."""
+def _remove_failed_start(run_dir: Path, hydra_cfg: Any) -> None:
+    """Close the job log and remove what Hydra created, if the job wrote nothing of its own."""
+    log_files = [f"{hydra_cfg.job.name}.log"]
+    if not only_stub(run_dir, log_files, hydra_cfg.output_subdir):
+        return
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.absolute():
             root.removeHandler(handler)
             handler.close()
-    remove_stub(run_dir, [f"{hydra_cfg.job.name}.log"], hydra_cfg.output_subdir, PLANNED_RUN_DIR)
+    remove_stub(run_dir, log_files, hydra_cfg.output_subdir, PLANNED_RUN_DIR)
 
 
 def _continue_if_requeued(cfg: DictConfig, run_dir: Path) -> DictConfig:

@@ -112,9 +112,8 @@ class DivergenceGuard:
     def _rule(self) -> str:
         parts = []
         if self.settings.max_loss_ratio is not None and self.first_loss is not None:
-            parts.append(
-                f"divergence.max_loss_ratio={self.settings.max_loss_ratio:g} x the first loss {self.first_loss:.4g}"
-            )
+            ratio = self.settings.max_loss_ratio
+            parts.append(f"divergence.max_loss_ratio={ratio:g} x the first loss {self.first_loss:.4g}")
         if self.settings.max_loss is not None:
             parts.append(f"divergence.max_loss={self.settings.max_loss:g}")
         return " or ".join(parts) + f", divergence.patience={self.settings.patience}"
@@ -124,5 +123,6 @@ class DivergenceGuard:
         return {"first_loss": self.first_loss, "strikes": self.strikes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (``{}``, from a checkpoint older than the guard, starts afresh)."""
         self.first_loss = state.get("first_loss")
         self.strikes = int(state.get("strikes", 0))

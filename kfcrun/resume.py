@@ -17,6 +17,7 @@ kind and structure. Those are refused in one line that names the key.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ def resumed_config(resume: str, overrides: Sequence[str], config_groups: Sequenc
 
     saved = _saved_config(run_dir, key_value)
     OmegaConf.set_struct(saved, False)
+    _add_new_runner_keys(saved)
     for override in parsed:
         key = override.get_key_element().lstrip("+")
         value = override.value()
@@ -144,8 +146,8 @@ def resumed_config(resume: str, overrides: Sequence[str], config_groups: Sequenc
             before = OmegaConf.select(saved, key, default=None)
             if before != value:
                 raise ConfigError(
-                    f"config error: {key}={show(value)} cannot change on resume: {reason} ({key}={show(before)}); "
-                    f"fix: drop it, or start a new run with {key}={show(value)}"
+                    f"config error: {key}={show(value)} cannot change on resume: {reason} "
+                    f"({key}={show(before)}); fix: drop it, or start a new run with {key}={show(value)}"
                 )
         if key == "resume":
             continue
@@ -165,6 +167,26 @@ def config_text(config: Mapping[str, Any] | DictConfig) -> str:
 def config_file(run_dir: str | Path) -> Path:
     """``<run_dir>/config.yaml``."""
     return Path(run_dir) / CONFIG_FILE
+
+
+def _add_new_runner_keys(saved: DictConfig) -> None:
+    """Give a run saved before a runner key existed that key's default (e.g. the ``divergence`` section)."""
+    from kfcrun.divergence import DivergenceSettings
+    from kfcrun.settings import LoggerSettings, TrainerSettings
+
+    for section, settings in (
+        ("trainer", TrainerSettings),
+        ("logger", LoggerSettings),
+        ("divergence", DivergenceSettings),
+    ):
+        defaults = dataclasses.asdict(settings())
+        node = saved.get(section)
+        if node is None:
+            saved[section] = defaults
+            continue
+        for key, value in defaults.items():
+            if key not in node:
+                node[key] = value
 
 
 def write_config(run_dir: str | Path, config: Mapping[str, Any] | DictConfig) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "RUN_MARKERS",
     "PlannedRunDir",
     "holds_run",
+    "only_stub",
     "plan_run_dir",
     "refuse_existing_run",
     "remove_stub",
@@ -94,6 +95,22 @@ def refuse_existing_run(path: str | Path, key: str, sweep: bool = False) -> None
     )
 
 
+def _stub_files(run_dir: Path, log_files: Iterable[str], output_subdir: str | None) -> set[Path]:
+    stub = {run_dir / name for name in log_files}
+    if output_subdir:
+        stub |= {run_dir / output_subdir / name for name in HYDRA_STUB_FILES}
+        stub.add(run_dir / output_subdir)
+    return stub
+
+
+def only_stub(run_dir: str | Path, log_files: Iterable[str], output_subdir: str | None) -> bool:
+    """Whether ``run_dir`` holds nothing but what Hydra writes before a job starts."""
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir():
+        return False
+    return set(run_dir.rglob("*")) <= _stub_files(run_dir, log_files, output_subdir)
+
+
 def remove_stub(
     run_dir: str | Path, log_files: Iterable[str], output_subdir: str | None, planned: PlannedRunDir | None
 ) -> bool:
@@ -104,15 +121,9 @@ def remove_stub(
     (``planned.existed``) stay; without a plan only ``run_dir`` itself may go.
     """
     run_dir = Path(run_dir).absolute()
-    if not run_dir.is_dir() or holds_run(run_dir):
-        return False
-    stub = {run_dir / name for name in log_files}
-    if output_subdir:
-        stub |= {run_dir / output_subdir / name for name in HYDRA_STUB_FILES}
-        stub.add(run_dir / output_subdir)
+    if not only_stub(run_dir, log_files, output_subdir):
+        return False  # something else is there (a run, the user's files): not ours to remove
     present = set(run_dir.rglob("*"))
-    if not present <= stub:
-        return False  # something else is there: not ours to remove
     for path in sorted(present, key=lambda p: len(p.parts), reverse=True):
         try:
             if path.is_dir():

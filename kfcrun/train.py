@@ -330,8 +330,8 @@ class Trainer:
                 if ckpt_due:
                     self.checkpoint()
                 bar.update(1)
-                if self.stop.requested is not None:
-                    self._stop_on_signal(self.stop.requested)
+                if self.stop.requested is not None and self.iteration < self.max_iters:
+                    self._stop_on_signal(self.stop.requested)  # (at the last step the run just ends)
         finally:
             bar.close()
             self.logger.close()

@@ -30,8 +30,9 @@ def cifar10_image_folder() -> Path:
 def cifar10_skip_reason(path: Path) -> str:
     """Why a real-data test is skipped, and how to run it."""
     return (
-        f"real CIFAR-10 image folder not found at {path}; to run this test set KFCRUN_CIFAR10_DIR=<folder with "
-        "train/<class>/*.jpg and test/<class>/*.jpg> (or put it at data/cifar10)"
+        f"real CIFAR-10 image folder not found at {path}; to run this test set "
+        "KFCRUN_CIFAR10_DIR=<folder with train/<class>/*.jpg and test/<class>/*.jpg> "
+        "(or put it at data/cifar10)"
     )
 
 

@@ -36,7 +36,9 @@ KFC_TINY = [
 
 def smoke_config(cache_dir: Path, *overrides: str) -> DictConfig:
     """The run config of ``kfcrun experiment=smoke <overrides>`` (validated, no ``hydra`` node)."""
-    cfg = _compose(["experiment=smoke", "trainer.progress=false", f"dataset.cache_dir={cache_dir}", *overrides])
+    cfg = _compose(
+        ["experiment=smoke", "trainer.progress=false", f"dataset.cache_dir={cache_dir}", *overrides]
+    )
     container = OmegaConf.to_container(cfg, resolve=False)
     assert isinstance(container, dict)
     container.pop("hydra")

@@ -12,14 +12,15 @@ import kfcrun.train as train_module
 from kfcrun.checkpoint import load_checkpoint
 from kfcrun.curvature import KFCCurvatureWarning
 from kfcrun.curvature.inverses import EigenInverse
-from kfcrun.divergence import DivergenceGuard, DivergenceSettings
 from kfcrun.errors import ConfigError, TrainingDivergedError
 from kfcrun.logging import read_metrics
 from tests.conftest import run_cli
 from tests.runs import kfcrun_lines, smoke_config
 
 
-def guard(**settings) -> DivergenceGuard:
+def guard(**settings):
+    from kfcrun.divergence import DivergenceGuard, DivergenceSettings
+
     return DivergenceGuard(DivergenceSettings(**settings), lambda: "no checkpoint was written before it")
 
 
@@ -102,7 +103,7 @@ def test_finite_blow_up_stops_the_run_and_keeps_the_last_good_checkpoint(
 
 
 def test_issue_repro_tiny_damping_stops_with_exit_3_and_warns(tmp_path: Path, cache_dir: Path):
-    """Issue 9, item 5: KFC-pre with damping 1e-12 (exact mode) ended 'done', rc 0, test NLL 1e16, silently."""
+    """Issue 9, item 5: KFC-pre, damping 1e-12, exact mode ended 'done', rc 0, test NLL 1e16, no warning."""
     result = run_cli(
         [
             "experiment=smoke",
@@ -146,6 +147,10 @@ def test_exact_damping_warns_once_when_below_the_rounding_level():
         fine.prepare(omega, gamma, [1e-3], torch.float64)
         fine.commit([True])
     # the threshold is 1/eps of the stored dtype: 100 / 1e-3 = 1e5 is fine in float32, not in float16
-    assert fine.check_conditioning(torch.tensor([1e3]), torch.tensor([1e-1]), 1e-3, torch.float32) == pytest.approx(1e5 + 1)
+    assert fine.check_conditioning(
+        torch.tensor([1e3]), torch.tensor([1e-1]), 1e-3, torch.float32
+    ) == pytest.approx(1e5 + 1)
     with pytest.warns(KFCCurvatureWarning):
-        EigenInverse("h", 1, 1).check_conditioning(torch.tensor([1e3]), torch.tensor([1e-1]), 1e-3, torch.float16)
+        EigenInverse("h", 1, 1).check_conditioning(
+            torch.tensor([1e3]), torch.tensor([1e-1]), 1e-3, torch.float16
+        )

@@ -111,7 +111,12 @@ def test_help_is_kfcruns(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr
     assert "cli is powered by Hydra" not in result.stdout
-    for text in ("kfcrun resume=<run dir>", "kfcrun experiment=cifar10_kfc", "kfcrun -m ", "experiment: cifar10_bn_kfc"):
+    for text in (
+        "kfcrun resume=<run dir>",
+        "kfcrun experiment=cifar10_kfc",
+        "kfcrun -m ",
+        "experiment: cifar10_bn_kfc",
+    ):
         assert text in result.stdout, text
     assert not (tmp_path / "outputs").exists()
 
@@ -134,5 +139,9 @@ def test_summary_shows_current_and_averaged_errors(tmp_path: Path, cache_dir: Pa
     out = capsys.readouterr().out
     summary = [line for line in out.splitlines() if " done: " in line]
     assert len(summary) == 1
-    assert re.search(r"averaged parameters: train error \d+\.\d\d%, test error \d+\.\d\d%, test NLL \d", summary[0])
-    assert re.search(r"current parameters: train error \d+\.\d\d%, test error \d+\.\d\d%, test NLL \d", summary[0])
+    assert re.search(
+        r"averaged parameters: train error \d+\.\d\d%, test error \d+\.\d\d%, test NLL \d", summary[0]
+    )
+    assert re.search(
+        r"current parameters: train error \d+\.\d\d%, test error \d+\.\d\d%, test NLL \d", summary[0]
+    )

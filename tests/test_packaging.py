@@ -49,7 +49,8 @@ def test_wheel_install_finds_its_configs(tmp_path: Path, cache_dir: Path):
     warnings = [
         line
         for line in (build.stdout + build.stderr).splitlines()
-        if re.search(r"warning|would be ignored", line, re.IGNORECASE) and "byte-compiling is disabled" not in line
+        if re.search(r"warning|would be ignored", line, re.IGNORECASE)
+        and "byte-compiling is disabled" not in line
     ]
     assert warnings == [], "\n".join(warnings)
     wheel = next(wheels.glob("kfcrun-*.whl"))

@@ -15,7 +15,14 @@ from kfcrun.cli import preflight
 from kfcrun.errors import ConfigError
 from kfcrun.logging import read_metrics
 from tests.conftest import run_cli
-from tests.runs import KFC_TINY, checkpoint_iteration, kfcrun_lines, kfcrun_process, train_in_process, wait_until
+from tests.runs import (
+    KFC_TINY,
+    checkpoint_iteration,
+    kfcrun_lines,
+    kfcrun_process,
+    train_in_process,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,9 @@ def test_resume_remembers_its_overrides_after_a_kill(tmp_path: Path, cache_dir: 
     """Issue 9, item 1: resume with trainer.max_iters=40, killed, then a bare resume= finishes at 40."""
     run = tmp_path / "run"
     common = ["trainer.checkpoint_every=5", "trainer.eval_every=5", "trainer.train_eval_size=64"]
-    first = run_cli(["experiment=smoke", "trainer.max_iters=10", *common, f"hydra.run.dir={run}"], tmp_path, cache_dir)
+    first = run_cli(
+        ["experiment=smoke", "trainer.max_iters=10", *common, f"hydra.run.dir={run}"], tmp_path, cache_dir
+    )
     assert first.returncode == 0, first.stderr
 
     extended = kfcrun_process([f"resume={run}", "trainer.max_iters=40"], tmp_path, cache_dir)
@@ -89,7 +98,9 @@ def test_unsafe_overrides_are_refused_on_resume(sgd_run: Path, override: str, ke
     assert "fix:" in message
 
 
-def test_architecture_change_on_resume_is_one_line_on_the_command_line(tmp_path: Path, cache_dir: Path, sgd_run: Path):
+def test_architecture_change_on_resume_is_one_line_on_the_command_line(
+    tmp_path: Path, cache_dir: Path, sgd_run: Path
+):
     run = copy_run(sgd_run, tmp_path)
     before = (run / "checkpoints" / "last.pt").read_bytes()
     result = run_cli([f"resume={run}", "model.batch_norm=true"], tmp_path, cache_dir)
@@ -149,3 +160,15 @@ def test_a_damaged_metrics_line_is_an_error_naming_it(tmp_path: Path, sgd_run: P
     (run / "metrics.jsonl").write_text("{broken\n" + text)
     with pytest.raises(ValueError, match=r"metrics\.jsonl:1 is not a JSON row"):
         read_metrics(run)
+
+
+def test_a_run_saved_before_the_divergence_section_resumes(tmp_path: Path, sgd_run: Path):
+    import torch
+
+    run = copy_run(sgd_run, tmp_path)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    del state["config"]["divergence"]
+    torch.save(state, run / "checkpoints" / "last.pt")
+    plan = preflight([f"resume={run}"])
+    assert plan is not None and plan.resume is not None
+    assert plan.resume.cfg.divergence.max_loss_ratio == 3.0

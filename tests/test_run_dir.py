@@ -13,7 +13,6 @@ import pytest
 
 from kfcrun.cli import preflight
 from kfcrun.errors import ConfigError
-from kfcrun.run_dir import plan_run_dir, remove_stub
 from tests.conftest import run_cli
 from tests.data.fakes import snapshot, write_image_folder
 from tests.runs import kfcrun_lines, train_in_process
@@ -30,7 +29,9 @@ def test_new_run_refuses_a_directory_that_holds_a_run(tmp_path: Path, cache_dir:
     shutil.copytree(finished_run, run)
     before = snapshot(run)
     result = run_cli(
-        ["experiment=smoke", f"hydra.run.dir={run}", "trainer.max_iters=20", "optimizer.lr=0.01"], tmp_path, cache_dir
+        ["experiment=smoke", f"hydra.run.dir={run}", "trainer.max_iters=20", "optimizer.lr=0.01"],
+        tmp_path,
+        cache_dir,
     )
     assert result.returncode == 2
     lines = kfcrun_lines(result.stderr)
@@ -72,6 +73,8 @@ def test_failure_after_preflight_leaves_no_stub(tmp_path: Path, cache_dir: Path,
 
 
 def test_remove_stub_removes_only_what_hydra_wrote(tmp_path: Path):
+    from kfcrun.run_dir import plan_run_dir, remove_stub
+
     run = tmp_path / "outputs" / "day" / "run"
     planned = plan_run_dir(run)  # before Hydra creates anything
     assert planned.existed == frozenset({tmp_path, *tmp_path.parents})
@@ -88,6 +91,8 @@ def test_remove_stub_removes_only_what_hydra_wrote(tmp_path: Path):
 
 
 def test_remove_stub_never_touches_a_run(tmp_path: Path, finished_run: Path):
+    from kfcrun.run_dir import remove_stub
+
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)
     before = snapshot(run)
@@ -151,4 +156,7 @@ def test_an_empty_class_folder_is_refused(tmp_path: Path):
     with pytest.raises(DatasetError) as err:
         load_dataset("cifar10", tmp_path, format="image_folder", cache_dir=tmp_path / "cache", progress=False)
     message = str(err.value)
-    assert "\n" not in message and f"class folder {tmp_path / 'train' / 'cat'} holds no .jpg/.png images" in message
+    assert (
+        "\n" not in message
+        and f"class folder {tmp_path / 'train' / 'cat'} holds no .jpg/.png images" in message
+    )

@@ -12,7 +12,6 @@ import torch
 
 from kfcrun.checkpoint import load_checkpoint
 from kfcrun.logging import is_timing_key, read_metrics
-from kfcrun.signals import GracefulStop, RunInterrupted
 from tests.conftest import run_cli
 from tests.runs import checkpoint_iteration, kfcrun_lines, kfcrun_process, wait_until
 
@@ -52,8 +51,11 @@ def test_signal_checkpoints_prints_the_resume_command_and_resume_finishes_the_sa
     assert "Traceback" not in stderr
     lines = kfcrun_lines(stderr)
     assert len(lines) == 1, stderr
-    match = re.search(rf"stopped by {sig.name} at iteration (\d+) of 40; checkpoint (\S+) written; "
-                      rf"resume with: kfcrun resume=(\S+)$", lines[0])
+    match = re.search(
+        rf"stopped by {sig.name} at iteration (\d+) of 40; checkpoint (\S+) written; "
+        rf"resume with: kfcrun resume=(\S+)$",
+        lines[0],
+    )
     assert match, lines[0]
     stopped_at = int(match.group(1))
     assert 5 <= stopped_at < 40, "the run finished before the signal; nothing was tested"
@@ -108,6 +110,8 @@ def test_a_second_signal_exits_at_once(tmp_path: Path, cache_dir: Path):
 
 def test_signal_before_training_starts_stops_at_once():
     """No step to finish and nothing to save (e.g. while loading data or estimating initial factors)."""
+    from kfcrun.signals import GracefulStop, RunInterrupted
+
     with GracefulStop() as stop, pytest.raises(RunInterrupted) as err:
         assert signal.SIGINT in stop.handled
         os.kill(os.getpid(), signal.SIGINT)
@@ -117,6 +121,8 @@ def test_signal_before_training_starts_stops_at_once():
 
 def test_sigusr2_calls_a_launchers_handler_after_the_checkpoint():
     """submitit installs its own SIGUSR2 handler (checkpoint and requeue): it runs after ours."""
+    from kfcrun.signals import GracefulStop
+
     called = []
     previous = signal.signal(signal.SIGUSR2, lambda signum, frame: called.append(signum))
     try:
@@ -132,6 +138,8 @@ def test_sigusr2_calls_a_launchers_handler_after_the_checkpoint():
 
 def test_ignored_and_foreign_handlers_are_left_alone():
     """A parent that ignores SIGINT (nohup) or a launcher that handles SIGTERM keeps it."""
+    from kfcrun.signals import GracefulStop
+
     foreign = lambda signum, frame: None  # noqa: E731
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
     old_term = signal.signal(signal.SIGTERM, foreign)
@@ -146,6 +154,8 @@ def test_ignored_and_foreign_handlers_are_left_alone():
 
 
 def test_a_second_signal_in_process_calls_exit_with_its_code():
+    from kfcrun.signals import GracefulStop
+
     exits = []
     with GracefulStop(exit_now=exits.append) as stop:
         stop.arm()
