@@ -106,12 +106,17 @@ class DampedInverse(ABC):
         return {key: _clone(getattr(self, key)) for key in self.state_keys}
 
     def load_state_dict(self, state: dict[str, Tensor | None], device: torch.device) -> None:
-        """Restore :meth:`state_dict` output bitwise (dtype kept, moved to ``device``); absent keys are ``None``."""
+        """Restore :meth:`state_dict` output bitwise (dtype kept, moved to ``device``).
+
+        Keys absent from ``state`` are set to ``None``.
+        """
         for key in self.state_keys:
             value = state.get(key)
             setattr(self, key, None if value is None else value.detach().clone().to(device))
 
-    def _keep_previous(self, total: float, store: torch.dtype, device: torch.device, reason: str = "") -> None:
+    def _keep_previous(
+        self, total: float, store: torch.dtype, device: torch.device, reason: str = ""
+    ) -> None:
         """Leave the last good inverse in place, or install the identity fallback if there is none."""
         why = reason or "factor contains NaN/inf"
         if self.ready:
@@ -154,11 +159,17 @@ class PiCholeskyInverse(DampedInverse):
 
     @property
     def ready(self) -> bool:
+        """Whether ``Omega_d^{-1}`` and ``Gamma_d^{-1}`` are installed."""
         return self.omega_inv is not None and self.gamma_inv is not None
 
     def prepare(
         self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
+        """Damp both factors (Eqn 28) for each total and invert them by Cholesky, without a host sync.
+
+        Returns ``[finite, ok_Omega_0, ok_Gamma_0, ok_Omega_1, ok_Gamma_1, ...]``: whether the
+        factors are finite, then whether each total's two Cholesky inverses succeeded.
+        """
         dt = compute_dtype if compute_dtype is not None else omega.dtype
         pending = _PiPending(omega, list(totals))
         oks: list[Tensor] = []
@@ -177,6 +188,12 @@ class PiCholeskyInverse(DampedInverse):
         return torch.stack([finite, *oks])
 
     def commit(self, flags: Sequence[bool]) -> None:
+        """Install each candidate's inverses; a failed Cholesky is redone by the fallback (one warning).
+
+        A candidate that cannot be inverted (non-finite factors, or the fallback failed too):
+        candidate 0 keeps the previous inverse (``I / t`` if there is none), the others reuse
+        candidate 0's, each with a warning.
+        """
         pending, self._pending = self._pending, None
         assert pending is not None and pending.pi is not None, "commit() without prepare()"
         finite = bool(flags[0])
@@ -224,6 +241,7 @@ class PiCholeskyInverse(DampedInverse):
         self.pi = torch.ones((), dtype=store, device=device)
 
     def apply(self, grad: Tensor, index: int = 0) -> Tensor:
+        """``Gamma_d^{-1} G Omega_d^{-1}`` (Eqn 29) for damping candidate ``index``, in the stored dtype."""
         if self.omega_inv is None or self.gamma_inv is None:
             raise RuntimeError(f"kfc: layer {self.name!r} has no inverses; call update_inverses() first")
         omega_inv, gamma_inv = (self.omega_inv, self.gamma_inv) if index == 0 else self._extra[index - 1]
@@ -266,16 +284,27 @@ class EigenInverse(DampedInverse):
 
     @property
     def ready(self) -> bool:
+        """Whether both factors' eigendecompositions ``(d, Q)`` are installed."""
         return all(t is not None for t in (self.d_omega, self.q_omega, self.d_gamma, self.q_gamma))
 
     def prepare(
         self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
+        """Keep the factors for :meth:`commit`; returns one flag, whether both factors are finite (no sync).
+
+        The decomposition does not depend on ``totals``, so nothing is computed per total here.
+        """
         # eigh needs finite input and syncs anyway; it runs in commit(), after the flags are read.
         self._pending = _EigenPending(omega, gamma, list(totals), compute_dtype)
         return (torch.isfinite(omega).all() & torch.isfinite(gamma).all()).reshape(1)
 
     def commit(self, flags: Sequence[bool]) -> None:
+        """Eigendecompose both factors (``d`` clamped to ``>= 0``) in the compute dtype and install them.
+
+        Non-finite factors, or an eigendecomposition that fails to converge, keep the previous
+        decomposition (or, when there is none, install a zero block's: ``Q = I``, ``d = 0``, so the
+        solve is ``G / t``), with one warning.
+        """
         pending, self._pending = self._pending, None
         assert pending is not None, "commit() without prepare()"
         omega, gamma = pending.omega, pending.gamma
@@ -301,6 +330,10 @@ class EigenInverse(DampedInverse):
         self.d_gamma = torch.zeros(self.gamma_dim, dtype=store, device=device)
 
     def apply(self, grad: Tensor, index: int = 0) -> Tensor:
+        """``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + t)] Q_O^T`` (Eqns 42-44), ``t`` of candidate ``index``.
+
+        The result is in the stored dtype.
+        """
         if self.q_omega is None or self.q_gamma is None or self.d_omega is None or self.d_gamma is None:
             raise RuntimeError(
                 f"kfc: layer {self.name!r} has no eigendecomposition; call update_inverses() first"

@@ -157,7 +157,9 @@ class KFCCurvature:
         loss_fn = make_loss_fn(self.fisher_type, targets=targets, generator=generator)
         return block_estimates(self.model, inputs, loss_fn, self.blocks, chunk_size=self.chunk_size)
 
-    def fold_statistics(self, estimates: Mapping[str, tuple[Tensor, Tensor]], *, init: bool = False) -> Tensor:
+    def fold_statistics(
+        self, estimates: Mapping[str, tuple[Tensor, Tensor]], *, init: bool = False
+    ) -> Tensor:
         """Fold batch estimates into the running factors; returns the non-finite count (0-d tensor).
 
         ``init=True`` (Algorithm 1's initialisation): consecutive ``init=True`` calls average
@@ -233,7 +235,8 @@ class KFCCurvature:
                         f"got {total} for layer {name!r}"
                     )
         pending = {
-            name: block.prepare_inverse(totals[name], self.inverse_dtype) for name, block in self.blocks.items()
+            name: block.prepare_inverse(totals[name], self.inverse_dtype)
+            for name, block in self.blocks.items()
         }
         flags = _read_flags(list(pending.values()))
         result = InverseUpdate()
