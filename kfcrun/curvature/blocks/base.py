@@ -174,7 +174,7 @@ class KroneckerBlock:
 
     # -- damped inverse and solve (Eqns 28-29, 39-44) ------------------------------------------
     def prepare_inverse(self, totals: Sequence[float], compute_dtype: torch.dtype | None) -> Tensor:
-        """Start fitting the damped inverse for each ``lambda + gamma`` in ``totals``; returns flags.
+        """Start fitting the damped inverse for each ``λ + γ`` in ``totals``; returns flags.
 
         No host sync: the returned bool tensor holds the fits' success flags, read later in one batch.
         """
