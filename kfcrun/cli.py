@@ -27,11 +27,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -145,7 +146,7 @@ def preflight(argv: Sequence[str]) -> Plan | None:
             )
         return Plan(resume=_preflight_resume(str(resume.value()), overrides))
 
-    base = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = [_input_line(o) for o in parsed if not o.is_sweep_override()]
     sweeps = [o for o in parsed if o.is_sweep_override()]
     if sweeps and not multirun:
         # Hydra would refuse it too; this is friendlier.
@@ -166,7 +167,7 @@ def preflight(argv: Sequence[str]) -> Plan | None:
                 sweep_lines.extend(parser.parse_overrides([f"{key}={value}"]))
     for sweep in sweep_lines:
         if not sweep.is_sweep_override():
-            variants.append([sweep.input_line])
+            variants.append([_input_line(sweep)])
             continue
         try:
             values = list(sweep.sweep_string_iterator())
@@ -194,8 +195,8 @@ def _preflight_resume(value: str, overrides: Sequence[str]) -> ResumeRequest:
         if problem:
             raise ConfigError(
                 f"config error: resume={value}: cannot write in {folder} ({problem}); a resumed run writes "
-                f"its checkpoint, metrics and config there; fix: make it writable (chmod -R u+w {request.run_dir}) "
-                "or copy the run to a writable place and resume the copy"
+                "its checkpoint, metrics and config there; fix: make it writable "
+                f"(chmod -R u+w {request.run_dir}) or copy the run to a writable place and resume the copy"
             )
     return request
 
@@ -223,7 +224,10 @@ def _plan_output_dir(cfg: DictConfig, multirun: bool) -> PlannedRunDir | None:
 
 
 def _not_writable(folder: Path) -> str | None:
-    """Why nothing can be created in ``folder`` (tried, not guessed: root ignores permission bits), or ``None``."""
+    """Why nothing can be created in ``folder``, or ``None``.
+
+    Tried, not guessed from the permission bits, which do not apply to root.
+    """
     if not folder.is_dir():
         return None
     try:
@@ -232,6 +236,12 @@ def _not_writable(folder: Path) -> str | None:
         return err.strerror or str(err)
     os.rmdir(probe)
     return None
+
+
+def _input_line(override: Override) -> str:
+    """The override as written on the command line (``parse_overrides`` always records it)."""
+    assert override.input_line is not None
+    return override.input_line
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -256,7 +266,7 @@ def compose_run_config(overrides: Sequence[str] = ()) -> DictConfig:
     """
     cfg = _compose(list(overrides))
     _validate(cfg)
-    container = OmegaConf.to_container(cfg, resolve=False)
+    container = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=False))
     container.pop("hydra", None)
     return OmegaConf.create(container)
 
@@ -264,7 +274,7 @@ def compose_run_config(overrides: Sequence[str] = ()) -> DictConfig:
 def _validate(cfg: DictConfig) -> None:
     from kfcrun.config import validate_config
 
-    container = OmegaConf.to_container(cfg, resolve=False)
+    container = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=False))
     container.pop("hydra", None)
     plain = OmegaConf.create(container)
     validate_config(plain)
@@ -391,7 +401,10 @@ def _remove_failed_start(run_dir: Path, hydra_cfg: Any) -> None:
         return
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir.absolute():
+        if (
+            isinstance(handler, logging.FileHandler)
+            and Path(handler.baseFilename).parent == run_dir.absolute()
+        ):
             root.removeHandler(handler)
             handler.close()
     remove_stub(run_dir, log_files, hydra_cfg.output_subdir, PLANNED_RUN_DIR)
@@ -411,7 +424,7 @@ def _continue_if_requeued(cfg: DictConfig, run_dir: Path) -> DictConfig:
     checkpoint = find_checkpoint(run_dir)
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint).get("config")
-        ours = OmegaConf.to_container(cfg, resolve=True)
+        ours = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
         if isinstance(saved, dict) and {**saved, "resume": None} == {**ours, "resume": None}:
             log.info("%s holds this job's run (same config): continuing it from its checkpoint", run_dir)
             with open_dict(cfg):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -67,7 +67,11 @@ def rules_for(cfg: Mapping[str, Any]) -> dict[str, Rule]:
 
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` (one line) for the first invalid, missing or unknown key."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    container: dict[str, Any] = (
+        cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
+        if isinstance(cfg, DictConfig)
+        else dict(cfg)
+    )
     container.pop("hydra", None)
     values = _flatten(container)
     rules = rules_for(container)
@@ -127,7 +131,7 @@ def _validate_relations(values: Mapping[str, Any]) -> None:
 
 
 def require_run_dir(key: str, value: str) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is a run directory with a checkpoint (or a checkpoint file)."""
+    """Raise :class:`ConfigError` unless ``value`` is a run directory with a checkpoint (or such a file)."""
     from kfcrun.checkpoint import checkpoint_path, find_checkpoint
 
     if find_checkpoint(value) is None:

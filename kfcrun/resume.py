@@ -154,7 +154,7 @@ def resumed_config(resume: str, overrides: Sequence[str], config_groups: Sequenc
         OmegaConf.update(saved, key, value, merge=True, force_add=True)
     with open_dict(saved):
         saved.resume = str(run_dir)
-    lines = tuple(o.input_line for o in parsed if o.get_key_element() != "resume")
+    lines = tuple(str(o.input_line) for o in parsed if o.get_key_element() != "resume")
     return ResumeRequest(run_dir, lines, saved)
 
 

@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -70,10 +70,12 @@ class Clock:
     _start: float | None = field(default=None, repr=False)
 
     def start(self) -> None:
+        """Start timing a step, after waiting for queued device work."""
         synchronize(self.device)
         self._start = time.perf_counter()
 
     def stop(self) -> None:
+        """Wait for the device, then add the seconds since :meth:`start` to ``total_s``."""
         synchronize(self.device)
         assert self._start is not None, "Clock.stop() without start()"
         self.total_s += time.perf_counter() - self._start
@@ -126,9 +128,10 @@ def total_iterations(cfg: DictConfig, batches_per_epoch: int) -> int:
 
 
 class Trainer:
-    """One training run, as named phases: :meth:`setup`, :meth:`restore_or_start`,
-    :meth:`initialize_optimizer`, :meth:`open_run_files`, then :meth:`fit` (steps,
-    logging, evaluation, checkpoints).
+    """One training run, as named phases.
+
+    The phases are :meth:`setup`, :meth:`restore_or_start`, :meth:`initialize_optimizer`,
+    :meth:`open_run_files`, then :meth:`fit` (steps, logging, evaluation, checkpoints).
 
     Args:
         cfg: the validated run config.
@@ -193,7 +196,9 @@ class Trainer:
         self.max_iters = total_iterations(cfg, epoch)
         self.eval_every = settings.iterations(settings.eval_every, epoch)
         self.checkpoint_every = (
-            None if settings.checkpoint_every is None else settings.iterations(settings.checkpoint_every, epoch)
+            None
+            if settings.checkpoint_every is None
+            else settings.iterations(settings.checkpoint_every, epoch)
         )
 
         self.model = build_model(cfg.model, cfg.dataset).to(device)
@@ -203,7 +208,7 @@ class Trainer:
 
     # -- phase 2: resume, or start fresh --------------------------------------------------------
     def restore_or_start(self) -> None:
-        """Load the last checkpoint of ``cfg.resume`` (a fresh run starts at iteration 0 and writes nothing yet).
+        """Load the last checkpoint of ``cfg.resume``; a fresh run starts at 0 and writes nothing yet.
 
         ``config.yaml`` is rewritten from the checkpoint's own config, so that it describes
         the state the run continues from even if an earlier process died between writing
@@ -234,7 +239,10 @@ class Trainer:
         self.last_checkpoint = (self.iteration, self.checkpoint_file)
         self._remember_checkpoint()
         log.info(
-            "resuming %s at iteration %d (%.1f s of training)", self.run_dir, self.iteration, self.clock.total_s
+            "resuming %s at iteration %d (%.1f s of training)",
+            self.run_dir,
+            self.iteration,
+            self.clock.total_s,
         )
 
     # -- phase 3: the optimizer's own initialization (on the training clock) --------------------
@@ -262,9 +270,13 @@ class Trainer:
         log.info("estimated initial curvature factors in %.1f s", self.clock.total_s)
 
     def _initial_batches(self, count: int, bar: tqdm) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(inputs, labels)`` batches of a fixed random training subset (seeded apart from the data order)."""
+        """``(inputs, labels)`` batches of a fixed random training subset.
+
+        The subset is drawn with its own seed (``seed + 1``), apart from the data order.
+        """
         images, labels = self.data.train_images, self.data.train_labels
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed + 1))[:count]
+        generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+        order = torch.randperm(len(images), generator=generator)[:count]
         size = self.settings.batch_size
         for start in range(0, count, size):
             idx = order[start : start + size]
@@ -286,7 +298,11 @@ class Trainer:
             {"run_dir": str(self.run_dir.resolve()), "max_iters": self.max_iters, "data": self.data.source},
         )
         _update_run_json(
-            self.run_dir, record, resumed=self.resumed, iteration=self.iteration, overrides=self.resume_overrides
+            self.run_dir,
+            record,
+            resumed=self.resumed,
+            iteration=self.iteration,
+            overrides=self.resume_overrides,
         )
         self.logger = MetricsLogger(
             self.run_dir,
@@ -353,8 +369,10 @@ class Trainer:
         return loss.detach()
 
     def log_steps(self, losses: torch.Tensor, bar: tqdm, final: bool = False) -> None:
-        """Check the recent losses (:class:`~kfcrun.divergence.DivergenceGuard`), and log them with the
-        optimizer's step statistics. ``final``: these are the run's last steps."""
+        """Check the recent losses and log them with the optimizer's step statistics.
+
+        The check is :class:`~kfcrun.divergence.DivergenceGuard`'s; ``final``: these are the run's last steps.
+        """
         self.guard.observe(losses, self.iteration, final=final)
         self.logger.scalars(
             {
@@ -439,9 +457,7 @@ class Trainer:
 
     def _config(self) -> dict[str, Any]:
         """The run's config as plain data, interpolations resolved (what ``config.yaml`` holds)."""
-        container = OmegaConf.to_container(self.cfg, resolve=True)
-        assert isinstance(container, dict)
-        return container
+        return cast("dict[str, Any]", OmegaConf.to_container(self.cfg, resolve=True))
 
     def resume_command(self) -> str:
         """The command that continues this run."""
@@ -454,7 +470,9 @@ class Trainer:
     def _where_and_fix(self) -> str:
         """The last good checkpoint, and what to change (for divergence messages)."""
         cfg = self.cfg
-        return f"{_where(self.last_checkpoint)}; fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
+        return (
+            f"{_where(self.last_checkpoint)}; fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
+        )
 
     def _stop_on_signal(self, signum: int) -> None:
         """After the step a signal interrupted: checkpoint, then stop with one line (exit 128 + signum)."""
@@ -541,7 +559,9 @@ def _update_run_json(
     path = run_dir / "run.json"
     if resumed and path.exists():
         payload = json.loads(path.read_text())
-        payload.setdefault("resumes", []).append({"at_iter": iteration, "overrides": list(overrides), **record})
+        payload.setdefault("resumes", []).append(
+            {"at_iter": iteration, "overrides": list(overrides), **record}
+        )
     else:
         payload = record
     write_json(path, payload)

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from kfcrun.builders import build_optimizer
 from kfcrun.cli import compose_run_config
 from kfcrun.models import build_model
-from kfcrun.builders import build_optimizer
 from kfcrun.optim import KFCPre
 
 PHASES = ("statistics", "inverses", "precondition", "nu")

@@ -15,7 +15,7 @@ from kfcrun.curvature.inverses import EigenInverse
 from kfcrun.errors import ConfigError, TrainingDivergedError
 from kfcrun.logging import read_metrics
 from tests.conftest import run_cli
-from tests.runs import kfcrun_lines, smoke_config
+from tests.helpers.runs import kfcrun_lines, smoke_config
 
 
 def guard(**settings):

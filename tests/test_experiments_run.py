@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from kfcrun.cli import _compose, _validate
 from kfcrun.logging import read_metrics
 from kfcrun.train import train
-from tests.test_config import EXPERIMENTS
+from tests.helpers.configs import EXPERIMENTS
 
 #: The shrunk job: configs/debug/fast.yaml (generated data, 3 iterations, tiny evaluation).
 SHRINK = ["+debug=fast"]

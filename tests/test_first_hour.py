@@ -15,7 +15,7 @@ import pytest
 from kfcrun.cli import preflight
 from kfcrun.train import Trainer
 from tests.conftest import REPO_ROOT
-from tests.runs import KFC_TINY, TINY, smoke_config, train_in_process
+from tests.helpers.runs import KFC_TINY, TINY, smoke_config, train_in_process
 
 README = (REPO_ROOT / "README.md").read_text()
 

@@ -15,7 +15,7 @@ from kfcrun.cli import preflight
 from kfcrun.errors import ConfigError
 from kfcrun.logging import read_metrics
 from tests.conftest import run_cli
-from tests.runs import (
+from tests.helpers.runs import (
     KFC_TINY,
     checkpoint_iteration,
     kfcrun_lines,

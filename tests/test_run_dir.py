@@ -15,7 +15,7 @@ from kfcrun.cli import preflight
 from kfcrun.errors import ConfigError
 from tests.conftest import run_cli
 from tests.data.fakes import snapshot, write_image_folder
-from tests.runs import kfcrun_lines, train_in_process
+from tests.helpers.runs import kfcrun_lines, train_in_process
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from kfcrun.checkpoint import load_checkpoint
 from kfcrun.logging import is_timing_key, read_metrics
 from tests.conftest import run_cli
-from tests.runs import checkpoint_iteration, kfcrun_lines, kfcrun_process, wait_until
+from tests.helpers.runs import checkpoint_iteration, kfcrun_lines, kfcrun_process, wait_until
 
 ARGS = [
     "experiment=smoke",

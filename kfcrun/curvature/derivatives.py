@@ -58,10 +58,11 @@ class LayerPass:
         return self.records[name].checked_input(name)
 
     def derivatives(self, loss: Tensor, *, retain_graph: bool = False) -> dict[str, Tensor]:
-        """``{name: d loss / d output}`` for every layer that ran (zeros where the output does not reach the loss).
+        """``{name: d loss / d output}`` for every layer that ran.
 
-        The derivative of a loss that sums per-example losses has one row per example
-        and output position: ``DS`` of Eqn 32, not divided by the batch size.
+        A layer whose output does not reach the loss gets zeros. The derivative of a loss
+        that sums per-example losses has one row per example and output position: ``DS``
+        of Eqn 32, not divided by the batch size.
         """
         outputs = [self.records[name].output for name in self.names]
         derivs = torch.autograd.grad(

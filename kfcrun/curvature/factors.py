@@ -61,7 +61,10 @@ def block_estimates(
         del losses
         layer_pass.release_graph()
         return {
-            name: (blocks[name].batch_omega(layer_pass.layer_input(name), chunk_size=chunk_size), gammas[name])
+            name: (
+                blocks[name].batch_omega(layer_pass.layer_input(name), chunk_size=chunk_size),
+                gammas[name],
+            )
             for name in layer_pass.names
         }
 

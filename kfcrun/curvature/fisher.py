@@ -43,6 +43,7 @@ __all__ = [
 #: per-pass ``DS^T DS`` are summed (see :func:`kron_math.gamma_from_derivatives`).
 LossFn = Callable[[Tensor], Tensor | Sequence[Tensor]]
 
+
 def _class_last(logits: Tensor) -> Tensor:
     """Logits ``(M, C)`` or ``(M, C, *spatial)`` (PyTorch's cross-entropy layout) as rows of ``C``."""
     if logits.dim() < 2:

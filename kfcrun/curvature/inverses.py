@@ -1,11 +1,11 @@
 """Damping strategies: how a Kronecker block's damped inverse is fitted and applied.
 
 A block's Fisher approximation is ``Omega ⊗ Gamma`` (Eqn 25); what an optimizer needs
-is the solve ``(Omega ⊗ Gamma + (lambda + gamma) I)^{-1} vec(G)``, approximately or
+is the solve ``(Omega ⊗ Gamma + (λ + γ) I)^{-1} vec(G)``, approximately or
 exactly. Each strategy owns the tensors of its solve and has three operations:
 
 * :meth:`DampedInverse.prepare` - the sync-free part of the fit (no host reads), from
-  the factors and one or more damping totals ``lambda + gamma``; returns a 1-d bool
+  the factors and one or more damping totals ``λ + γ``; returns a 1-d bool
   tensor of success flags. The manager stacks every block's flags and reads them in
   ONE host sync per inverse update;
 * :meth:`DampedInverse.commit` - given the flags as Python bools, install the result,
@@ -13,7 +13,7 @@ exactly. Each strategy owns the tensors of its solve and has three operations:
 * :meth:`DampedInverse.apply` - the solve for damping candidate ``index``.
 
 Several damping totals can be fitted from the same factors at once (K-FAC compares
-``gamma_-, gamma, gamma_+``): the eigen strategy decomposes once and applies any total;
+``γ₋, γ, γ₊``): the eigen strategy decomposes once and applies any total;
 the pi strategy needs one Cholesky pair per total and shares the symmetrised factors
 and ``pi``. Only candidate 0 is kept in :meth:`~DampedInverse.state_dict`: the others
 are used within the step that fitted them.
@@ -70,12 +70,12 @@ class DampedInverse(ABC):
     mode: ClassVar[DampingMode]
     #: Keys of :meth:`state_dict`, each a tensor or ``None``.
     state_keys: ClassVar[tuple[str, ...]]
-    #: The strategy needs ``lambda + gamma > 0`` (else ``>= 0``).
+    #: The strategy needs ``λ + γ > 0`` (else ``>= 0``).
     needs_positive_total: ClassVar[bool] = False
 
     def __init__(self, name: str, omega_dim: int, gamma_dim: int) -> None:
         self.name, self.omega_dim, self.gamma_dim = name, omega_dim, gamma_dim
-        #: ``lambda + gamma`` of candidate 0 as a 0-d tensor in the stored dtype.
+        #: ``λ + γ`` of candidate 0 as a 0-d tensor in the stored dtype.
         self.damping_total: Tensor | None = None
 
     @property
@@ -87,7 +87,7 @@ class DampedInverse(ABC):
     def prepare(
         self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
-        """Start a fit for the damping totals ``lambda + gamma``; return 1-d bool success flags (no sync)."""
+        """Start a fit for the damping totals ``λ + γ``; return 1-d bool success flags (no sync)."""
 
     @abstractmethod
     def commit(self, flags: Sequence[bool]) -> None:
@@ -110,18 +110,23 @@ class DampedInverse(ABC):
         return {key: _clone(getattr(self, key)) for key in self.state_keys}
 
     def load_state_dict(self, state: dict[str, Tensor | None], device: torch.device) -> None:
-        """Restore :meth:`state_dict` output bitwise (dtype kept, moved to ``device``); absent keys are ``None``."""
+        """Restore :meth:`state_dict` output bitwise (dtype kept, moved to ``device``).
+
+        Keys absent from ``state`` are set to ``None``.
+        """
         for key in self.state_keys:
             value = state.get(key)
             setattr(self, key, None if value is None else value.detach().clone().to(device))
 
-    def _keep_previous(self, total: float, store: torch.dtype, device: torch.device, reason: str = "") -> None:
+    def _keep_previous(
+        self, total: float, store: torch.dtype, device: torch.device, reason: str = ""
+    ) -> None:
         """Leave the last good inverse in place, or install the identity fallback if there is none."""
         why = reason or "factor contains NaN/inf"
         if self.ready:
             warn(f"kfc: layer {self.name!r}: {why}; keeping the previous inverse")
             return
-        warn(f"kfc: layer {self.name!r}: {why}; no previous inverse, using identity / (lam+gamma)")
+        warn(f"kfc: layer {self.name!r}: {why}; no previous inverse, using identity / (λ + γ)")
         self._install_identity(total, store, device)
         self.damping_total = torch.tensor(total, dtype=store, device=device)
 
@@ -158,11 +163,17 @@ class PiCholeskyInverse(DampedInverse):
 
     @property
     def ready(self) -> bool:
+        """Whether ``Omega_d^{-1}`` and ``Gamma_d^{-1}`` are installed."""
         return self.omega_inv is not None and self.gamma_inv is not None
 
     def prepare(
         self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
+        """Damp both factors (Eqn 28) for each total and invert them by Cholesky, without a host sync.
+
+        Returns ``[finite, ok_Omega_0, ok_Gamma_0, ok_Omega_1, ok_Gamma_1, ...]``: whether the
+        factors are finite, then whether each total's two Cholesky inverses succeeded.
+        """
         dt = compute_dtype if compute_dtype is not None else omega.dtype
         pending = _PiPending(omega, list(totals))
         oks: list[Tensor] = []
@@ -181,6 +192,12 @@ class PiCholeskyInverse(DampedInverse):
         return torch.stack([finite, *oks])
 
     def commit(self, flags: Sequence[bool]) -> None:
+        """Install each candidate's inverses; a failed Cholesky is redone by the fallback (one warning).
+
+        A candidate that cannot be inverted (non-finite factors, or the fallback failed too):
+        candidate 0 keeps the previous inverse (``I / t`` if there is none), the others reuse
+        candidate 0's, each with a warning.
+        """
         pending, self._pending = self._pending, None
         assert pending is not None and pending.pi is not None, "commit() without prepare()"
         finite = bool(flags[0])
@@ -228,6 +245,7 @@ class PiCholeskyInverse(DampedInverse):
         self.pi = torch.ones((), dtype=store, device=device)
 
     def apply(self, grad: Tensor, index: int = 0) -> Tensor:
+        """``Gamma_d^{-1} G Omega_d^{-1}`` (Eqn 29) for damping candidate ``index``, in the stored dtype."""
         if self.omega_inv is None or self.gamma_inv is None:
             raise RuntimeError(f"kfc: layer {self.name!r} has no inverses; call update_inverses() first")
         omega_inv, gamma_inv = (self.omega_inv, self.gamma_inv) if index == 0 else self._extra[index - 1]
@@ -271,16 +289,27 @@ class EigenInverse(DampedInverse):
 
     @property
     def ready(self) -> bool:
+        """Whether both factors' eigendecompositions ``(d, Q)`` are installed."""
         return all(t is not None for t in (self.d_omega, self.q_omega, self.d_gamma, self.q_gamma))
 
     def prepare(
         self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
+        """Keep the factors for :meth:`commit`; returns one flag, whether both factors are finite (no sync).
+
+        The decomposition does not depend on ``totals``, so nothing is computed per total here.
+        """
         # eigh needs finite input and syncs anyway; it runs in commit(), after the flags are read.
         self._pending = _EigenPending(omega, gamma, list(totals), compute_dtype)
         return (torch.isfinite(omega).all() & torch.isfinite(gamma).all()).reshape(1)
 
     def commit(self, flags: Sequence[bool]) -> None:
+        """Eigendecompose both factors (``d`` clamped to ``>= 0``) in the compute dtype and install them.
+
+        Non-finite factors, or an eigendecomposition that fails to converge, keep the previous
+        decomposition (or, when there is none, install a zero block's: ``Q = I``, ``d = 0``, so the
+        solve is ``G / t``), with one warning.
+        """
         pending, self._pending = self._pending, None
         assert pending is not None, "commit() without prepare()"
         omega, gamma = pending.omega, pending.gamma
@@ -301,9 +330,9 @@ class EigenInverse(DampedInverse):
         self._extra = [torch.tensor(t, dtype=store, device=omega.device) for t in pending.totals[1:]]
 
     def check_conditioning(self, d_omega: Tensor, d_gamma: Tensor, total: float, store: torch.dtype) -> float:
-        """Warn (once per layer) if the damped block is beyond what ``store`` resolves; return its condition number.
+        """Warn, once per layer, if the damped block is beyond what ``store`` resolves; return ``kappa``.
 
-        The damped block's eigenvalues are ``d_G,i d_O,j + t`` (``t = lambda + gamma``), from
+        The damped block's eigenvalues are ``d_G,i d_O,j + t`` (``t = λ + γ``), from
         ``>= t`` up to ``max d_G max d_O + t``, so its condition number is at most
         ``kappa = (max d_G max d_O + t) / t``. Eigenvalues below ``eps * max d_G max d_O``
         (``eps`` of the stored dtype) are rounding error, not curvature; ``kappa > 1/eps``
@@ -317,10 +346,10 @@ class EigenInverse(DampedInverse):
         if kappa > limit and not self._warned_conditioning:
             self._warned_conditioning = True
             warn(
-                f"kfc: layer {self.name!r}: the damped block is ill-conditioned (condition number {kappa:.2g} "
-                f"> 1/eps = {limit:.2g} in {store}): lambda + gamma = {total:.3g} is below the rounding level "
-                f"of its largest curvature {largest:.3g}, so directions the factors cannot resolve are scaled "
-                "by up to 1/(lambda + gamma); raise the damping"
+                f"kfc: layer {self.name!r}: the damped block is ill-conditioned (condition number "
+                f"{kappa:.2g} > 1/eps = {limit:.2g} in {store}): λ + γ = {total:.3g} is below the rounding "
+                f"level of its largest curvature {largest:.3g}, so directions the factors cannot resolve are "
+                "scaled by up to 1/(λ + γ); raise the damping γ"
             )
         return kappa
 
@@ -331,6 +360,10 @@ class EigenInverse(DampedInverse):
         self.d_gamma = torch.zeros(self.gamma_dim, dtype=store, device=device)
 
     def apply(self, grad: Tensor, index: int = 0) -> Tensor:
+        """``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + t)] Q_O^T`` (Eqns 42-44), ``t`` of candidate ``index``.
+
+        The result is in the stored dtype.
+        """
         if self.q_omega is None or self.q_gamma is None or self.d_omega is None or self.d_gamma is None:
             raise RuntimeError(
                 f"kfc: layer {self.name!r} has no eigendecomposition; call update_inverses() first"

@@ -19,10 +19,10 @@ across ranks between the two.
 Damping (``lam`` = weight decay of the layer, ``gamma`` = damping), by
 :class:`~kfcrun.curvature.vocabulary.DampingMode`:
 
-* ``"pi"`` (Eqn 28): ``(Omega + pi sqrt(lam+gamma) I) ⊗ (Gamma + sqrt(lam+gamma)/pi I)``,
+* ``"pi"`` (Eqn 28): ``(Omega + pi sqrt(λ + γ) I) ⊗ (Gamma + sqrt(λ + γ)/pi I)``,
   ``pi`` the trace-norm ratio (Eqn 10); result ``Gamma_d^{-1} G Omega_d^{-1}`` (Eqn 29).
-* ``"exact"`` (Eqns 39-44): ``(Omega ⊗ Gamma + (lam+gamma) I)^{-1} vec(G)`` through
-  the eigendecompositions of both factors (needs ``lam + gamma > 0``).
+* ``"exact"`` (Eqns 39-44): ``(Omega ⊗ Gamma + (λ + γ) I)^{-1} vec(G)`` through
+  the eigendecompositions of both factors (needs ``λ + γ > 0``).
 
 Several damping values may be fitted at once (``update_inverses([g0, g1, g2], lam)``)
 and solved with ``precondition(grads, index=i)``.
@@ -157,7 +157,9 @@ class KFCCurvature:
         loss_fn = make_loss_fn(self.fisher_type, targets=targets, generator=generator)
         return block_estimates(self.model, inputs, loss_fn, self.blocks, chunk_size=self.chunk_size)
 
-    def fold_statistics(self, estimates: Mapping[str, tuple[Tensor, Tensor]], *, init: bool = False) -> Tensor:
+    def fold_statistics(
+        self, estimates: Mapping[str, tuple[Tensor, Tensor]], *, init: bool = False
+    ) -> Tensor:
         """Fold batch estimates into the running factors; returns the non-finite count (0-d tensor).
 
         ``init=True`` (Algorithm 1's initialisation): consecutive ``init=True`` calls average
@@ -212,7 +214,7 @@ class KFCCurvature:
     ) -> InverseUpdate:
         """Refit every block's damped inverse from the current factors.
 
-        ``damping`` is ``gamma``, or several values to fit at once (candidate ``i`` is
+        ``damping`` is ``γ``, or several values to fit at once (candidate ``i`` is
         solved by ``precondition(..., index=i)``); ``weight_decay`` is ``lam``, one float
         for all layers or a ``{name: lam}`` dict covering every layer. Reads every
         block's success flags in one host sync, then finishes each fit.
@@ -226,14 +228,18 @@ class KFCCurvature:
         for name, block in self.blocks.items():
             for total in totals[name]:
                 if not math.isfinite(total) or total < 0:
-                    raise ValueError(f"lam + gamma must be finite and >= 0, got {total} for layer {name!r}")
+                    raise ValueError(
+                        f"weight decay + damping (λ + γ) must be finite and >= 0, "
+                        f"got {total} for layer {name!r}"
+                    )
                 if block.inverse.needs_positive_total and total <= 0:
                     raise ValueError(
-                        f"damping_mode={self.damping_mode.value!r} needs lam + gamma > 0, "
+                        f"damping_mode={self.damping_mode.value!r} needs weight decay + damping (λ + γ) > 0, "
                         f"got {total} for layer {name!r}"
                     )
         pending = {
-            name: block.prepare_inverse(totals[name], self.inverse_dtype) for name, block in self.blocks.items()
+            name: block.prepare_inverse(totals[name], self.inverse_dtype)
+            for name, block in self.blocks.items()
         }
         flags = _read_flags(list(pending.values()))
         result = InverseUpdate()
@@ -250,7 +256,7 @@ class KFCCurvature:
         """Apply each layer's inverse damped Fisher block to its combined gradient ``G``.
 
         ``grads[name]`` has shape ``I x omega_dim``. Pi mode: ``Gamma_d^{-1} G Omega_d^{-1}``
-        (Eqn 29); exact mode: ``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + lam + gamma)] Q_O^T``
+        (Eqn 29); exact mode: ``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + λ + γ)] Q_O^T``
         (Eqns 42-44). ``index`` picks the damping candidate of the last ``update_inverses``.
         Returns tensors of the same shape and dtype as the inputs.
         """

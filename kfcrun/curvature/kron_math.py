@@ -118,9 +118,10 @@ def expand_patches(
     """
     (pt, pb), (pl, pr) = padding
     if pt == pb and pl == pr:
-        return F.unfold(x, kernel_size, dilation=dilation, padding=(pt, pl), stride=stride)
+        # torch's stub for unfold wants int | tuple, but it takes any int sequence (_pair): ignores.
+        return F.unfold(x, kernel_size, dilation=dilation, padding=(pt, pl), stride=stride)  # type: ignore[arg-type]
     x = F.pad(x, (pl, pr, pt, pb))
-    return F.unfold(x, kernel_size, dilation=dilation, padding=0, stride=stride)
+    return F.unfold(x, kernel_size, dilation=dilation, padding=0, stride=stride)  # type: ignore[arg-type]
 
 
 def homogeneous_moment(sum_aa: Tensor, col_sum: Tensor | None, num_rows: int, num_examples: int) -> Tensor:
@@ -335,12 +336,12 @@ def pi_trace_norm(omega: Tensor, gamma: Tensor) -> Tensor:
 def damped_factors(omega: Tensor, gamma: Tensor, damping_total: float) -> tuple[Tensor, Tensor, Tensor]:
     """Factored Tikhonov damping, Eqn 28.
 
-    ``Omega_d = Omega + pi sqrt(lam+gamma) I`` and ``Gamma_d = Gamma + (1/pi) sqrt(lam+gamma) I``
-    with ``damping_total = lam + gamma`` (weight decay plus damping) and ``pi`` from
+    ``Omega_d = Omega + pi sqrt(λ + γ) I`` and ``Gamma_d = Gamma + (1/pi) sqrt(λ + γ) I``
+    with ``damping_total = λ + γ`` (weight decay plus damping) and ``pi`` from
     :func:`pi_trace_norm`. Inputs are symmetrised first. Returns ``(Omega_d, Gamma_d, pi)``.
     """
     if damping_total < 0 or not math.isfinite(damping_total):
-        raise ValueError(f"lam + gamma must be finite and >= 0, got {damping_total}")
+        raise ValueError(f"weight decay + damping (λ + γ) must be finite and >= 0, got {damping_total}")
     omega_s, gamma_s = symmetrize(omega), symmetrize(gamma)
     pi = pi_trace_norm(omega_s, gamma_s)
     root = math.sqrt(damping_total)
@@ -409,8 +410,8 @@ def eigh_psd(mat: Tensor) -> tuple[Tensor, Tensor]:
     """``(d, Q)`` with ``mat = Q diag(d) Q^T`` for the symmetrised ``mat``, ``d`` clamped to ``>= 0``.
 
     Factors are PSD in exact arithmetic (Sec. 3.1); tiny negative eigenvalues are
-    rounding error and would make ``d_G d_O^T + lam + gamma`` smaller than
-    ``lam + gamma`` in Eqn 43.
+    rounding error and would make ``d_G d_O^T + λ + γ`` smaller than
+    ``λ + γ`` in Eqn 43.
     """
     evals, evecs = torch.linalg.eigh(symmetrize(mat))
     return evals.clamp(min=0), evecs
@@ -429,11 +430,11 @@ def kron_solve_eigen(
     d_omega: Tensor,
     damping_total: Tensor | float,
 ) -> Tensor:
-    """``(Omega ⊗ Gamma + (lam+gamma) I)^{-1} vec(G)``, exact damping (Eqns 39-44).
+    """``(Omega ⊗ Gamma + (λ + γ) I)^{-1} vec(G)``, exact damping (Eqns 39-44).
 
-    ``V1 = Q_G^T G Q_O`` (42), ``V2 = V1 / (d_G d_O^T + lam + gamma)`` (43, with the
+    ``V1 = Q_G^T G Q_O`` (42), ``V2 = V1 / (d_G d_O^T + λ + γ)`` (43, with the
     weight decay added to the paper's ``gamma`` so the target is Eqn 9's
-    ``F + (lam+gamma) I``), result ``Q_G V2 Q_O^T`` (44).
+    ``F + (λ + γ) I``), result ``Q_G V2 Q_O^T`` (44).
     """
     v1 = q_gamma.T @ grad @ q_omega
     v2 = v1 / (torch.outer(d_gamma, d_omega) + damping_total)

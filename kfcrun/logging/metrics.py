@@ -73,7 +73,10 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(path: str | Path, last_iter: int) -> int:
-    """Drop rows with ``iter > last_iter`` (a resumed run rewrites them) and a torn last line. Returns rows kept."""
+    """Drop rows with ``iter > last_iter`` (a resumed run rewrites them) and a torn last line.
+
+    Returns the number of rows kept.
+    """
     path = Path(path)
     if not path.exists():
         return 0
@@ -180,7 +183,7 @@ class MetricsLogger:
             self._tb.flush()
 
     def close(self) -> None:
-        """Close the files (again: a no-op)."""
+        """Close ``metrics.jsonl`` and the TensorBoard writer (flushing both); closing again is a no-op."""
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

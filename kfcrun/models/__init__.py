@@ -1,10 +1,10 @@
-"""The paper's networks. The runner builds them from ``configs/model/*.yaml`` (``_target_``,
-:mod:`kfcrun.builders`); :func:`build_model` builds one by its config name, for scripts."""
+"""The paper's networks.
+
+The runner builds them from ``configs/model/*.yaml`` (``_target_``,
+:mod:`kfcrun.builders`); :func:`build_model` builds one by its config name, for scripts.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
 
 from torch import nn
 

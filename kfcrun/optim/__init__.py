@@ -20,4 +20,3 @@ __all__ = [
     "layer_weight_decays",
     "weight_layers",
 ]
-

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,8 @@ def fisher_quadratic(model: nn.Module, inputs: Tensor, tangents: Mapping[str, Te
     with warnings.catch_warnings():
         # torch.func scripts a helper of its own on first use; the deprecation is torch's, not ours
         warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
-        logits, jv = jvp(logits_of, (params,), (directions,))
+        # Without has_aux, jvp returns the pair (output, Jacobian-vector product).
+        logits, jv = cast("tuple[Tensor, Tensor]", jvp(logits_of, (params,), (directions,)))
     dtype = torch.promote_types(logits.dtype, torch.float32)  # no half-precision sums
     probs = torch.softmax(logits.to(dtype), dim=1)
     jv = jv.to(dtype)

@@ -42,6 +42,10 @@ class BatchRecorder:
         return model.register_forward_pre_hook(self)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """The pre-hook: keep ``args[0]`` (the batch) as :attr:`inputs`.
+
+        Only in training mode with grad enabled, and not while :meth:`paused`.
+        """
         if self._paused or not module.training or not torch.is_grad_enabled():
             return
         if args and isinstance(args[0], Tensor):

@@ -11,7 +11,7 @@ Each iteration ``k`` (counting from 1), as named phases of :meth:`KFCPre.step`:
    fraction of the mini-batch (forward-mode JVP, :mod:`kfcrun.optim.fisher_vector`);
    if ``nu > C``: ``v <- v / sqrt(nu / C)`` (``C = 0.3``);
 4. ``_apply_momentum``: ``p <- mu p + v``; ``theta <- theta + p``;
-5. averaging: ``theta_avg <- xi theta_avg + (1 - xi) theta`` (shared with SGD,
+5. averaging: ``theta_avg <- xi_avg theta_avg + (1 - xi_avg) theta`` (shared with SGD,
    :mod:`~kfcrun.optim.averaging`).
 
 Before the first step the factors are estimated on a large training subset
@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,11 @@ from kfcrun.schema import boolean, check_arguments, choice, integer, mapping_of_
 
 #: Names of the timed phases, as reported by :attr:`KFCPre.phase_times`.
 PHASES = ("statistics", "inverses", "precondition", "nu")
+
+
+def _weight_and_bias(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """A Conv2d/Linear's ``(weight, bias)`` (bias ``None`` if absent), typed for mypy."""
+    return cast(Tensor, module.weight), cast("Tensor | None", module.bias)
 
 
 def subset_size(fraction: float, batch_size: int) -> int:
@@ -80,8 +85,8 @@ class KFCPre(torch.optim.Optimizer):
         weight_decay: ``lambda`` of the L2 term ``lambda/2 |W|^2`` for the covered layers' weights.
         layer_weight_decay: per-layer ``lambda`` by layer name (overrides ``weight_decay``).
         decay_biases: include biases in the L2 term (cuda-convnet does not).
-        damping: ``gamma`` (paper: 1e-3). The damping is ``sqrt(lambda + gamma)`` per factor
-            (Eqn 28) or ``lambda + gamma`` on the whole block (``damping_mode="exact"``).
+        damping: ``γ`` (paper: 1e-3). The damping is ``sqrt(λ + γ)`` per factor
+            (Eqn 28) or ``λ + γ`` on the whole block (``damping_mode="exact"``).
         damping_mode: ``"pi"`` (Eqn 28) or ``"exact"`` (Eqns 39-44).
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
         stats_every: ``T_s``, iterations between statistics updates.
@@ -160,7 +165,8 @@ class KFCPre(torch.optim.Optimizer):
             omega_model=approx,
         )
         self.lambdas = layer_weight_decays(model, weight_decay, layer_weight_decay)
-        groups, covered = [], set()
+        groups: list[dict[str, Any]] = []
+        covered: set[int] = set()
         for name, block in self.blocks.items():
             params = [p for p in (block.module.weight, block.module.bias) if p is not None]
             if not all(p.requires_grad for p in params):
@@ -322,7 +328,10 @@ class KFCPre(torch.optim.Optimizer):
         return group["weight_decay"]
 
     def _proposed_updates(self) -> dict[Tensor, Tensor]:
-        """Phase 2: ``v`` per parameter, ``-alpha F_hat^{-1} grad h`` for KFC layers, ``-alpha grad h`` otherwise."""
+        """Phase 2: the proposed update ``v`` per parameter.
+
+        ``v = -alpha F_hat^{-1} grad h`` for KFC layers (Eqn 29), ``-alpha grad h`` otherwise.
+        """
         updates: dict[Tensor, Tensor] = {}
         combined: dict[str, Tensor] = {}
         for group in self.param_groups:
@@ -330,11 +339,11 @@ class KFCPre(torch.optim.Optimizer):
                 for p in group["params"]:
                     updates[p] = self._gradient_of_h(p, self._decay_of(group, p)).mul(-group["lr"])
                 continue
-            module = self.blocks[group["layer"]].module
-            weight_grad = self._gradient_of_h(module.weight, self._decay_of(group, module.weight))
+            weight, bias = _weight_and_bias(self.blocks[group["layer"]].module)
+            weight_grad = self._gradient_of_h(weight, self._decay_of(group, weight))
             bias_grad = None
-            if module.bias is not None:
-                bias_grad = self._gradient_of_h(module.bias, self._decay_of(group, module.bias))
+            if bias is not None:
+                bias_grad = self._gradient_of_h(bias, self._decay_of(group, bias))
             combined[group["layer"]] = self.blocks[group["layer"]].combine(weight_grad, bias_grad)
         if combined:
             preconditioned = self.curvature.precondition(combined)
@@ -342,11 +351,11 @@ class KFCPre(torch.optim.Optimizer):
                 name = group["layer"]
                 if name is None or name not in preconditioned:
                     continue
-                module = self.blocks[name].module
+                weight, bias = _weight_and_bias(self.blocks[name].module)
                 d_weight, d_bias = self.blocks[name].split(preconditioned[name])
-                updates[module.weight] = d_weight.mul_(-group["lr"])
-                if module.bias is not None and d_bias is not None:
-                    updates[module.bias] = d_bias.mul_(-group["lr"])
+                updates[weight] = d_weight.mul_(-group["lr"])
+                if bias is not None and d_bias is not None:
+                    updates[bias] = d_bias.mul_(-group["lr"])
         return updates
 
     def _clip(self, inputs: Tensor, updates: dict[Tensor, Tensor]) -> tuple[Tensor | None, Tensor | None]:
@@ -406,6 +415,7 @@ class KFCPre(torch.optim.Optimizer):
         return {**self._last_stats, **self._health, **self.phase_times}
 
     def state_dict(self) -> dict[str, Any]:
+        """The ``torch.optim.Optimizer`` state plus iteration, curvature, generator, phase times, ``pi``."""
         state = super().state_dict()
         state["iteration"] = self.iteration
         state["curvature"] = self.curvature.state_dict()
@@ -415,6 +425,7 @@ class KFCPre(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output bitwise (curvature, generator and counters included)."""
         state_dict = dict(state_dict)
         self.iteration = int(state_dict.pop("iteration"))
         self.curvature.load_state_dict(state_dict.pop("curvature"))

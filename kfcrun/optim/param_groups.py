@@ -18,7 +18,10 @@ from kfcrun.errors import ConfigError
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers whose weights carry weight decay: those KFC covers (:func:`~kfcrun.curvature.kfc_layers`)."""
+    """The layers whose weights carry weight decay: those KFC covers.
+
+    See :func:`~kfcrun.curvature.kfc_layers`.
+    """
     return kfc_layers(model)
 
 

@@ -26,7 +26,7 @@ docstring, and register it in :func:`kfcrun.curvature.blocks.make_block`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +44,16 @@ class UnsupportedLayerError(KfcrunError, ValueError):
     """A layer configuration KFC does not cover (e.g. ``groups > 1``)."""
 
 
+def _weight(module: nn.Module) -> Tensor:
+    """``module.weight`` of a Conv2d/Linear, typed (``nn.Module.__getattr__`` is not)."""
+    return cast(Tensor, module.weight)
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    """``module.bias`` of a Conv2d/Linear (``None`` for a layer without bias), typed."""
+    return cast("Tensor | None", module.bias)
+
+
 def combined_matrix(weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
     """``[b | W.flatten(1)]`` of shape ``I x (1 + J|Δ|)``, or ``W.flatten(1)`` without bias."""
     flat = weight_like.reshape(weight_like.shape[0], -1)
@@ -54,8 +64,8 @@ def combined_matrix(weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
 
 def combined_grad(module: nn.Module) -> Tensor:
     """``G = [grad_b | grad_W.flatten(1)]`` of a Conv2d/Linear (zeros where ``.grad`` is None)."""
-    weight: Tensor = module.weight
-    bias: Tensor | None = module.bias
+    weight = _weight(module)
+    bias = _bias(module)
     gw = weight.grad if weight.grad is not None else torch.zeros_like(weight)
     gb = None
     if bias is not None:
@@ -65,7 +75,7 @@ def combined_grad(module: nn.Module) -> Tensor:
 
 def split_update(module: nn.Module, mat: Tensor) -> tuple[Tensor, Tensor | None]:
     """Inverse of :func:`combined_matrix`: ``(dW shaped like weight, db or None)``."""
-    weight: Tensor = module.weight
+    weight = _weight(module)
     if module.bias is None:
         return mat.reshape(weight.shape), None
     return mat[:, 1:].reshape(weight.shape), mat[:, 0].clone()
@@ -83,7 +93,9 @@ class KroneckerBlock:
     #: Dim of the layer output that holds the I output channels.
     channel_dim: ClassVar[int] = 1
 
-    def __init__(self, name: str, module: nn.Module, damping_mode: DampingMode | str = DampingMode.PI) -> None:
+    def __init__(
+        self, name: str, module: nn.Module, damping_mode: DampingMode | str = DampingMode.PI
+    ) -> None:
         self.name = name
         self.module = module
         self.has_bias: bool = module.bias is not None
@@ -98,12 +110,12 @@ class KroneckerBlock:
     @property
     def omega_dim(self) -> int:
         """``1 + J|Δ|`` with a bias, ``J|Δ|`` without."""
-        return self.module.weight[0].numel() + int(self.has_bias)
+        return _weight(self.module)[0].numel() + int(self.has_bias)
 
     @property
     def gamma_dim(self) -> int:
         """``I``, the number of output channels / features."""
-        return self.module.weight.shape[0]
+        return _weight(self.module).shape[0]
 
     # -- batch estimates (Eqn 32) -------------------------------------------------------------
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
@@ -153,7 +165,7 @@ class KroneckerBlock:
         """The running factors, or zeros if no data ever reached this layer (its Fisher block is 0)."""
         if self.omega is not None and self.gamma is not None:
             return self.omega, self.gamma
-        weight = self.module.weight
+        weight = _weight(self.module)
         dtype = kron_math.accumulation_dtype(weight.dtype)
         return (
             torch.zeros(self.omega_dim, self.omega_dim, dtype=dtype, device=weight.device),
@@ -162,15 +174,24 @@ class KroneckerBlock:
 
     # -- damped inverse and solve (Eqns 28-29, 39-44) ------------------------------------------
     def prepare_inverse(self, totals: Sequence[float], compute_dtype: torch.dtype | None) -> Tensor:
-        """Start fitting the damped inverse for each ``lambda + gamma`` in ``totals`` (no sync); returns flags."""
+        """Start fitting the damped inverse for each ``λ + γ`` in ``totals``; returns flags.
+
+        No host sync: the returned bool tensor holds the fits' success flags, read later in one batch.
+        """
         omega, gamma = self.factors_or_zero()
         return self.inverse.prepare(omega, gamma, totals, compute_dtype)
 
     def solve(self, grad: Tensor, index: int = 0) -> Tensor:
-        """``(damped Omega ⊗ Gamma)^{-1} vec(grad)`` for a gradient in ``[b | W]`` layout, in ``grad``'s dtype."""
+        """``(damped Omega ⊗ Gamma)^{-1} vec(grad)`` for a gradient in ``[b | W]`` layout.
+
+        ``grad`` has shape ``I x omega_dim``; the result has its shape and dtype.
+        ``index`` picks the damping candidate of the last fit.
+        """
         expected = (self.gamma_dim, self.omega_dim)
         if tuple(grad.shape) != expected:
-            raise ValueError(f"kfc: gradient for {self.name!r} has shape {tuple(grad.shape)}, expected {expected}")
+            raise ValueError(
+                f"kfc: gradient for {self.name!r} has shape {tuple(grad.shape)}, expected {expected}"
+            )
         return self.inverse.apply(grad, index).to(grad.dtype)
 
     # -- gradients in the block's layout ---------------------------------------------------------
@@ -197,7 +218,7 @@ class KroneckerBlock:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output bitwise (dtype kept, moved to the layer's device)."""
-        device = self.module.weight.device
+        device = _weight(self.module).device
         for key in ("omega", "gamma"):
             value = state.get(key)
             setattr(self, key, None if value is None else value.detach().clone().to(device))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from .. import kron_math
@@ -52,8 +54,13 @@ class Conv2dBlock(KroneckerBlock):
         return t.unsqueeze(0) if t.dim() == 3 else t
 
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
+        """``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` (or the SUA model) from a ``(M, J, H, W)`` input.
+
+        Shape ``(1 + J|Δ|)^2`` with a bias, ``(J|Δ|)^2`` without; an unbatched ``(J, H, W)``
+        input is one example. ``chunk_size`` bounds the examples expanded at once (KFC model only).
+        """
         conv: nn.Conv2d = self.module  # type: ignore[assignment]
-        geometry = dict(
+        geometry: dict[str, Any] = dict(
             stride=conv.stride, padding=self.padding, dilation=conv.dilation, homogeneous=self.has_bias
         )
         if self.omega_model is OmegaModel.SUA:

@@ -26,4 +26,8 @@ class LinearBlock(KroneckerBlock):
         return t.unsqueeze(0) if t.dim() == 1 else t
 
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
+        """``Psi_hat = (1/M) sum_rows a_bar a_bar^T`` from a ``(M, ..., in)`` input (``chunk_size`` unused).
+
+        Shape ``(1 + in)^2`` with the homogeneous coordinate at index 0 when the layer has a bias.
+        """
         return kron_math.linear_omega(self._batched(inp), homogeneous=self.has_bias)
