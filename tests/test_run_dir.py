@@ -160,3 +160,40 @@ def test_an_empty_class_folder_is_refused(tmp_path: Path):
         "\n" not in message
         and f"class folder {tmp_path / 'train' / 'cat'} holds no .jpg/.png images" in message
     )
+
+
+def _run_as_hydra_job(cfg, run_dir: Path):
+    """Call the task as Hydra's launcher does for a single run in ``run_dir`` (no preflight)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from kfcrun.cli import _compose, run_task
+
+    hydra_cfg = _compose(["experiment=smoke"])
+    with open_dict(hydra_cfg):
+        hydra_cfg.hydra.runtime.output_dir = str(run_dir)
+        hydra_cfg.hydra.mode = RunMode.RUN
+    HydraConfig.instance().set_config(hydra_cfg)
+    return run_task(cfg)
+
+
+def test_a_requeued_job_continues_its_run_and_another_config_is_refused(
+    tmp_path: Path, cache_dir: Path, finished_run: Path
+):
+    """A launcher (submitit's requeue) runs the same job again in the same directory, without preflight."""
+    import json
+
+    from tests.helpers.runs import TINY, smoke_config
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    _run_as_hydra_job(smoke_config(cache_dir, *TINY), run)
+    resumes = json.loads((run / "run.json").read_text())["resumes"]
+    assert [r["at_iter"] for r in resumes] == [4]  # continued (here: already finished), not restarted
+
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as exit_info:
+        _run_as_hydra_job(smoke_config(cache_dir, *TINY, "optimizer.lr=0.01"), run)
+    assert exit_info.value.code == 2
+    assert snapshot(run) == before
