@@ -374,8 +374,8 @@ def run_task(cfg: DictConfig) -> float | None:
         elif cfg.task == "train":
             cfg = _continue_if_requeued(cfg, run_dir)
         validate_config(cfg)
-        if cfg.task == "train":
-            return _train_task(cfg, run_dir, resume_overrides)
+        if resume_overrides:
+            return _train_task(cfg, run_dir, resume_overrides)  # recorded in run.json
         return TASKS[cfg.task](cfg, run_dir)
     except (KfcrunError, OSError) as err:
         error = _user_error(err)
