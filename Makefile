@@ -35,7 +35,7 @@ lint: setup  ## ruff check, ruff format --check, import-linter contracts, mypy
 bench: setup  ## step-time benchmark: SGD vs KFC-pre (writes outputs/bench_step.json)
 	$(BIN)/python scripts/bench_step.py
 
-reproduce-cpu: setup  ## CPU-sized reproduction on ../shared/data/cifar10 (about an hour)
+reproduce-cpu: setup  ## CPU-sized reproduction on data/cifar10 or KFCRUN_CIFAR10_DIR (about an hour)
 	bash scripts/reproduce_cpu.sh
 
 clean:  ## remove build artifacts (keeps .venv and outputs/)
