@@ -450,10 +450,14 @@ def cholesky_inverse_fast(mat: Tensor) -> tuple[Tensor, Tensor]:
     """
     chol, info = torch.linalg.cholesky_ex(mat)
     ok = (info == 0).all() & torch.isfinite(chol).all()
-    # A failed factor may hold zeros on its diagonal, on which cholesky_inverse raises
-    # (a host sync); substitute the identity and let `ok` carry the failure instead.
-    chol = torch.where(ok, chol, torch.eye(mat.shape[-1], dtype=mat.dtype, device=mat.device))
-    inv = torch.cholesky_inverse(chol)
+    # A failed factor may hold zeros on its diagonal, on which the triangular solve would
+    # produce inf (or raise); substitute the identity and let `ok` carry the failure instead.
+    eye = torch.eye(mat.shape[-1], dtype=mat.dtype, device=mat.device)
+    chol = torch.where(ok, chol, eye)
+    # inv = L^-T L^-1: one triangular solve and one GEMM, about twice as fast on CPU as
+    # torch.cholesky_inverse for the 4608-wide factors of a ResNet-18.
+    chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    inv = symmetrize(chol_inv.mT @ chol_inv)
     return inv, ok & torch.isfinite(inv).all()
 
 
