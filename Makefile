@@ -26,8 +26,11 @@ test-slow: setup  ## run the slow tests (real CIFAR-10 training, minutes)
 test-gpu: setup  ## run the tests that need a CUDA device
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
-lint: setup  ## ruff
+lint: setup  ## ruff check, ruff format --check, import-linter contracts, mypy
 	$(BIN)/ruff check kfcrun tests scripts
+	$(BIN)/ruff format --check kfcrun tests scripts
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: setup  ## step-time benchmark: SGD vs KFC-pre (writes outputs/bench_step.json)
 	$(BIN)/python scripts/bench_step.py

@@ -24,6 +24,7 @@ LAST_CHECKPOINT = "last.pt"
 
 
 def checkpoint_path(run_dir: str | Path) -> Path:
+    """Where a run directory keeps its checkpoint: ``<run_dir>/checkpoints/last.pt``."""
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
 
 
@@ -82,6 +83,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global RNG states captured by :func:`rng_state` (CUDA only where available)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

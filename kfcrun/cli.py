@@ -16,10 +16,12 @@ import secrets
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -92,7 +94,7 @@ def preflight(argv: Sequence[str]) -> None:
             f"config error: cannot parse the command line ({_one_line(err)}); fix: use key=value"
         ) from err
 
-    base = [o.input_line for o in parsed if not o.is_sweep_override()]
+    base = [_input_line(o) for o in parsed if not o.is_sweep_override()]
     sweeps = [o for o in parsed if o.is_sweep_override()]
     if sweeps and not multirun:
         # Hydra would refuse it too; this is friendlier.
@@ -113,7 +115,7 @@ def preflight(argv: Sequence[str]) -> None:
                 sweep_lines.extend(parser.parse_overrides([f"{key}={value}"]))
     for sweep in sweep_lines:
         if not sweep.is_sweep_override():
-            variants.append([sweep.input_line])
+            variants.append([_input_line(sweep)])
             continue
         try:
             values = list(sweep.sweep_string_iterator())
@@ -125,6 +127,12 @@ def preflight(argv: Sequence[str]) -> None:
     _validate(cfg)
     for extra in variants:
         _validate(_compose(base + extra))
+
+
+def _input_line(override: Override) -> str:
+    """The override as written on the command line (``parse_overrides`` always records it)."""
+    assert override.input_line is not None
+    return override.input_line
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -149,7 +157,7 @@ def compose_run_config(overrides: Sequence[str] = ()) -> DictConfig:
     """
     cfg = _compose(list(overrides))
     _validate(cfg)
-    container = OmegaConf.to_container(cfg, resolve=False)
+    container = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=False))
     container.pop("hydra", None)
     return OmegaConf.create(container)
 
@@ -157,7 +165,7 @@ def compose_run_config(overrides: Sequence[str] = ()) -> DictConfig:
 def _validate(cfg: DictConfig) -> None:
     from kfcrun.config import validate_config
 
-    container = OmegaConf.to_container(cfg, resolve=False)
+    container = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=False))
     container.pop("hydra", None)
     plain = OmegaConf.create(container)
     validate_config(plain)
@@ -227,7 +235,7 @@ def resumed_config(cfg: DictConfig, task_overrides: Sequence[str]) -> DictConfig
             "allowed: a run directory written by kfcrun; "
             "fix: resume=<that run's directory>"
         )
-    saved = OmegaConf.load(saved_file)
+    saved = cast(DictConfig, OmegaConf.load(saved_file))  # a run's config.yaml is a mapping
     parser = OverridesParser.create()
     for override in parser.parse_overrides(list(task_overrides)):
         key = override.get_key_element().lstrip("+~")

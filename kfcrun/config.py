@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -64,7 +64,11 @@ def rules_for(cfg: Mapping[str, Any]) -> dict[str, Rule]:
 
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` (one line) for the first invalid, missing or unknown key."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    container: dict[str, Any] = (
+        cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
+        if isinstance(cfg, DictConfig)
+        else dict(cfg)
+    )
     container.pop("hydra", None)
     values = _flatten(container)
     rules = rules_for(container)

@@ -60,10 +60,12 @@ class Clock:
     _start: float | None = field(default=None, repr=False)
 
     def start(self) -> None:
+        """Start timing a step, after waiting for queued device work."""
         synchronize(self.device)
         self._start = time.perf_counter()
 
     def stop(self) -> None:
+        """Wait for the device, then add the seconds since :meth:`start` to ``total_s``."""
         synchronize(self.device)
         assert self._start is not None, "Clock.stop() without start()"
         self.total_s += time.perf_counter() - self._start
@@ -116,8 +118,10 @@ def total_iterations(cfg: DictConfig, batches_per_epoch: int) -> int:
 
 
 class Trainer:
-    """One training run, as named phases: :meth:`setup`, :meth:`restore_or_start`,
-    :meth:`initialize_optimizer`, then :meth:`fit` (steps, logging, evaluation, checkpoints).
+    """One training run, as named phases.
+
+    The phases are :meth:`setup`, :meth:`restore_or_start`, :meth:`initialize_optimizer`,
+    then :meth:`fit` (steps, logging, evaluation, checkpoints).
 
     Args:
         cfg: the validated run config.
@@ -166,7 +170,9 @@ class Trainer:
         self.max_iters = total_iterations(cfg, epoch)
         self.eval_every = settings.iterations(settings.eval_every, epoch)
         self.checkpoint_every = (
-            None if settings.checkpoint_every is None else settings.iterations(settings.checkpoint_every, epoch)
+            None
+            if settings.checkpoint_every is None
+            else settings.iterations(settings.checkpoint_every, epoch)
         )
 
         self.augment = dataset_config(cfg).augmentation(cfg.seed)
@@ -194,7 +200,10 @@ class Trainer:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
             self.last_checkpoint = (self.iteration, self.checkpoint_file)
             log.info(
-                "resuming %s at iteration %d (%.1f s of training)", self.run_dir, self.iteration, self.clock.total_s
+                "resuming %s at iteration %d (%.1f s of training)",
+                self.run_dir,
+                self.iteration,
+                self.clock.total_s,
             )
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,10 +236,14 @@ class Trainer:
         log.info("estimated initial curvature factors in %.1f s", self.clock.total_s)
 
     def _initial_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(inputs, labels)`` batches of a fixed random training subset (seeded apart from the data order)."""
+        """``(inputs, labels)`` batches of a fixed random training subset.
+
+        The subset is drawn with its own seed (``seed + 1``), apart from the data order.
+        """
         images, labels = self.data.train_images, self.data.train_labels
         count = min(self.optimizer.init_examples, len(images))
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed + 1))[:count]
+        generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+        order = torch.randperm(len(images), generator=generator)[:count]
         size = self.settings.batch_size
         for start in range(0, count, size):
             idx = order[start : start + size]
@@ -352,7 +365,8 @@ class Trainer:
         if not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
             raise TrainingDivergedError(
                 f"parameters became non-finite by iteration {self.iteration}; "
-                f"{_where(self.last_checkpoint)}; fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
+                f"{_where(self.last_checkpoint)}; "
+                f"fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
             )
         save_checkpoint(
             self.checkpoint_file,

@@ -8,9 +8,8 @@ import pytest
 
 from kfcrun.cli import _compose, _validate, preflight
 from kfcrun.errors import ConfigError
-from tests.conftest import REPO_ROOT, run_cli
-
-EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml"))
+from tests.conftest import run_cli
+from tests.helpers.configs import EXPERIMENTS
 
 
 def test_experiment_list_is_what_the_issues_ask_for():

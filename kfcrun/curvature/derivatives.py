@@ -70,8 +70,9 @@ class LayerPass:
     def derivatives(self, loss: Tensor, *, retain_graph: bool = False) -> dict[str, list[Tensor]]:
         """``{name: [d loss / d output of each use]}`` for every layer that ran (zeros where an output does not reach the loss).
 
-        The derivative of a loss that sums per-example losses has one row per example
-        and output position: ``DS`` of Eqn 32, not divided by the batch size.
+        A layer whose output does not reach the loss gets zeros. The derivative of a loss
+        that sums per-example losses has one row per example and output position: ``DS``
+        of Eqn 32, not divided by the batch size.
         """
         outputs = [record.output for name in self.names for record in self.records[name]]
         derivs = iter(

@@ -126,7 +126,10 @@ class DampedInverse(ABC):
         return {key: _clone(getattr(self, key)) for key in self.state_keys}
 
     def load_state_dict(self, state: dict[str, Tensor | None], device: torch.device) -> None:
-        """Restore :meth:`state_dict` output bitwise (dtype kept, moved to ``device``); absent keys are ``None``."""
+        """Restore :meth:`state_dict` output bitwise (dtype kept, moved to ``device``).
+
+        Keys absent from ``state`` are set to ``None``.
+        """
         for key in self.state_keys:
             value = state.get(key)
             setattr(self, key, None if value is None else value.detach().clone().to(device))
@@ -272,6 +275,7 @@ class PiCholeskyInverse(KroneckerInverse):
 
     @property
     def ready(self) -> bool:
+        """Whether ``Omega_d^{-1}`` and ``Gamma_d^{-1}`` are installed."""
         return self.omega_inv is not None and self.gamma_inv is not None
 
     def _invert(self, damped: Tensor, diagonal: bool) -> tuple[Tensor, Tensor]:
@@ -282,6 +286,11 @@ class PiCholeskyInverse(KroneckerInverse):
     def _prepare(
         self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
+        """Damp both factors (Eqn 28) for each total and invert them by Cholesky, without a host sync.
+
+        Returns ``[finite, ok_Omega_0, ok_Gamma_0, ok_Omega_1, ok_Gamma_1, ...]``: whether the
+        factors are finite, then whether each total's two Cholesky inverses succeeded.
+        """
         dt = compute_dtype if compute_dtype is not None else omega.dtype
         shape = self.shape
         pending = _PiPending(omega, list(totals))
@@ -307,6 +316,12 @@ class PiCholeskyInverse(KroneckerInverse):
         return torch.stack([finite, *oks])
 
     def commit(self, flags: Sequence[bool]) -> None:
+        """Install each candidate's inverses; a failed Cholesky is redone by the fallback (one warning).
+
+        A candidate that cannot be inverted (non-finite factors, or the fallback failed too):
+        candidate 0 keeps the previous inverse (``I / t`` if there is none), the others reuse
+        candidate 0's, each with a warning.
+        """
         pending, self._pending = self._pending, None
         assert pending is not None and pending.pi is not None, "commit() without prepare()"
         finite = bool(flags[0])
@@ -354,6 +369,7 @@ class PiCholeskyInverse(KroneckerInverse):
         self.pi = torch.ones(self.shape.lead, dtype=store, device=device)
 
     def apply(self, grad: Tensor, index: int = 0) -> Tensor:
+        """``Gamma_d^{-1} G Omega_d^{-1}`` (Eqn 29) for damping candidate ``index``, in the stored dtype."""
         if self.omega_inv is None or self.gamma_inv is None:
             raise RuntimeError(f"kfc: layer {self.name!r} has no inverses; call update_inverses() first")
         omega_inv, gamma_inv = (self.omega_inv, self.gamma_inv) if index == 0 else self._extra[index - 1]
@@ -429,11 +445,21 @@ class EigenInverse(KroneckerInverse):
     def _prepare(
         self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
+        """Keep the factors for :meth:`commit`; returns one flag, whether both factors are finite (no sync).
+
+        The decomposition does not depend on ``totals``, so nothing is computed per total here.
+        """
         # eigh needs finite input and syncs anyway; it runs in commit(), after the flags are read.
         self._pending = _EigenPending(omega, gamma, list(totals), compute_dtype)
         return (torch.isfinite(omega).all() & torch.isfinite(gamma).all()).reshape(1)
 
     def commit(self, flags: Sequence[bool]) -> None:
+        """Eigendecompose both factors (``d`` clamped to ``>= 0``) in the compute dtype and install them.
+
+        Non-finite factors, or an eigendecomposition that fails to converge, keep the previous
+        decomposition (or, when there is none, install a zero block's: ``Q = I``, ``d = 0``, so the
+        solve is ``G / t``), with one warning.
+        """
         pending, self._pending = self._pending, None
         assert pending is not None, "commit() without prepare()"
         omega, gamma = pending.omega, pending.gamma

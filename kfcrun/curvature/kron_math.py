@@ -130,9 +130,10 @@ def expand_patches(
     """
     (pt, pb), (pl, pr) = padding
     if pt == pb and pl == pr:
-        return F.unfold(x, kernel_size, dilation=dilation, padding=(pt, pl), stride=stride)
+        # torch's stub for unfold wants int | tuple, but it takes any int sequence (_pair): ignores.
+        return F.unfold(x, kernel_size, dilation=dilation, padding=(pt, pl), stride=stride)  # type: ignore[arg-type]
     x = F.pad(x, (pl, pr, pt, pb))
-    return F.unfold(x, kernel_size, dilation=dilation, padding=0, stride=stride)
+    return F.unfold(x, kernel_size, dilation=dilation, padding=0, stride=stride)  # type: ignore[arg-type]
 
 
 def homogeneous_moment(

@@ -114,6 +114,7 @@ class MetricsLogger:
             self._tb.flush()
 
     def close(self) -> None:
+        """Close ``metrics.jsonl`` and the TensorBoard writer (flushing both)."""
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()

@@ -1,12 +1,10 @@
 """The paper's networks, a CIFAR ResNet-18 and any torchvision classifier.
 
 The runner builds them from ``configs/model/*.yaml`` (``_target_``, :mod:`kfcrun.builders`);
-:func:`build_model` builds one of the paper's networks by its config name, for scripts."""
+:func:`build_model` builds one of the paper's networks by its config name, for scripts.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
 
 from torch import nn
 

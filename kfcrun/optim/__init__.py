@@ -24,4 +24,3 @@ __all__ = [
     "layer_weight_decays",
     "weight_layers",
 ]
-

@@ -67,10 +67,12 @@ class IterateAveraging:
 
     @property
     def state(self) -> dict:
+        """The wrapped optimizer's per-parameter state, which holds the ``"average"`` accumulators."""
         return self.optimizer.state
 
     @property
     def enabled(self) -> bool:
+        """Whether averaging is on (a ``decay`` was given)."""
         return self.decay is not None
 
     def begin(self, params: Iterable[torch.Tensor]) -> None:
@@ -87,6 +89,7 @@ class IterateAveraging:
         """Fold the iterate ``theta(step)`` (already updated) into the averages."""
         if not self.enabled or not params:
             return
+        assert self.decay is not None  # enabled
         averages = [self.state[p]["average"] for p in params]
         if step <= self.start_iter:
             if self.mode == "paper":
@@ -107,6 +110,7 @@ class IterateAveraging:
         """
         if self.mode == "paper" or not self.enabled or step <= 0:
             return 1.0
+        assert self.decay is not None  # enabled
         terms = step if self.start_iter == 0 else max(step - self.start_iter + 1, 1)
         return 1.0 / (1.0 - self.decay**terms)
 

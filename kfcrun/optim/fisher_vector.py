@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -65,5 +66,6 @@ def fisher_quadratic(
     with warnings.catch_warnings():
         # torch.func scripts a helper of its own on first use; the deprecation is torch's, not ours
         warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
-        output, jv = jvp(output_of, (params,), (directions,))
+        # Without has_aux, jvp returns the pair (output, Jacobian-vector product).
+        output, jv = cast("tuple[Tensor, Tensor]", jvp(output_of, (params,), (directions,)))
     return lik.fisher_quadratic(output, jv, targets).mean()

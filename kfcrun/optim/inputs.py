@@ -59,6 +59,10 @@ class BatchRecorder:
         return model.register_forward_hook(self)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """The forward hook: remember ``args[0]`` (the batch) for :attr:`batches` (see the class docstring).
+
+        Only in training mode with grad enabled, and not while :meth:`paused`.
+        """
         if self._paused or not module.training or not torch.is_grad_enabled():
             return
         if not args or not isinstance(args[0], Tensor):

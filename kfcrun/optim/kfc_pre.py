@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -201,7 +201,8 @@ class KFCPre(torch.optim.Optimizer):
         self.lambdas = layer_weight_decays(model, weight_decay, layer_weight_decay)
         #: ``lambda`` per parameter: weights of weight layers, biases with ``decay_biases``.
         self.decays = parameter_weight_decays(model, self.lambdas, decay_biases)
-        groups, covered = [], set()
+        groups: list[dict[str, Any]] = []
+        covered: set[int] = set()
         for name, block in self.blocks.items():
             covered.update(id(p) for p in block.params)
             groups.append({"params": block.params, "layer": name})
@@ -342,7 +343,11 @@ class KFCPre(torch.optim.Optimizer):
         return grad.add(p, alpha=decay) if decay else grad.clone()
 
     def _proposed_updates(self) -> dict[Tensor, Tensor]:
-        """Phase 2: ``v`` per parameter, ``-alpha F_hat^{-1} grad h`` for covered ones, ``-alpha grad h`` otherwise."""
+        """Phase 2: the proposed update ``v`` per parameter.
+
+        ``v = -alpha F_hat^{-1} grad h`` for the parameters a block covers (Eqn 29 for Kronecker
+        blocks), ``-alpha grad h`` for the others.
+        """
         grads = {p: self._gradient_of_h(p) for p in self._params()}
         if self.precondition_enabled and self.blocks:
             grads.update(precondition_parameters(self.curvature, grads))
@@ -404,6 +409,7 @@ class KFCPre(torch.optim.Optimizer):
         return {**self._last_stats, **self.refresher.health, **self.phase_times}
 
     def state_dict(self) -> dict[str, Any]:
+        """The ``torch.optim.Optimizer`` state plus iteration, curvature, generator, phase times, ``pi``."""
         state = super().state_dict()
         state["iteration"] = self.iteration
         state["curvature"] = self.curvature.state_dict()
@@ -413,6 +419,7 @@ class KFCPre(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output bitwise (curvature, generator and counters included)."""
         state_dict = dict(state_dict)
         self.iteration = int(state_dict.pop("iteration"))
         self.curvature.load_state_dict(state_dict.pop("curvature"))

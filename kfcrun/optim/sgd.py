@@ -76,7 +76,9 @@ class SGD(torch.optim.SGD):
         avg_start: Annotated[int, integer(0, "0")] = 0,
         seed: int = 0,
     ) -> SGD:
-        """SGD on ``model`` with cuda-convnet's per-parameter settings (:func:`~kfcrun.optim.build_param_groups`).
+        """SGD on ``model`` with cuda-convnet's per-parameter settings.
+
+        The parameter groups are built by :func:`~kfcrun.optim.build_param_groups`.
 
         ``weight_decay`` (and ``layer_weight_decay`` by layer name) is the L2 ``lambda`` of the
         weight layers' weights, biases get ``lr * bias_lr_scale`` and are decayed only if
@@ -93,7 +95,9 @@ class SGD(torch.optim.SGD):
             bias_lr_scale=bias_lr_scale,
             decay_biases=decay_biases,
         )
-        return cls(groups, lr=lr, momentum=momentum, avg_decay=avg_decay, avg_mode=avg_mode, avg_start=avg_start)
+        return cls(
+            groups, lr=lr, momentum=momentum, avg_decay=avg_decay, avg_mode=avg_mode, avg_start=avg_start
+        )
 
     @property
     def needs_labels(self) -> bool:
@@ -109,14 +113,17 @@ class SGD(torch.optim.SGD):
         return {}
 
     @torch.no_grad()
-    def step(  # type: ignore[override]
+    def step(
         self,
         closure: Callable[[], Any] | None = None,
         *,
         inputs: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
     ) -> Any:
-        """``torch.optim.SGD.step``, then fold the new iterate into the average (``inputs``/``targets`` unused)."""
+        """``torch.optim.SGD.step``, then fold the new iterate into the average.
+
+        ``inputs`` and ``targets`` are unused (the gradient is already in ``.grad``).
+        """
         loss = super().step(closure)
         self.iteration += 1
         self.averaging.update(self._params(), self.iteration)
@@ -133,11 +140,13 @@ class SGD(torch.optim.SGD):
         return {}
 
     def state_dict(self) -> dict[str, Any]:
+        """The ``torch.optim.SGD`` state (momentum buffers, averages) plus the iteration count."""
         state = super().state_dict()
         state["iteration"] = self.iteration
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (a missing iteration count reads as 0)."""
         state_dict = dict(state_dict)
         self.iteration = int(state_dict.pop("iteration", 0))
         super().load_state_dict(state_dict)

@@ -38,7 +38,7 @@ from kfcrun.curvature import (
 )
 from kfcrun.curvature.factors import block_estimates
 
-from .oracles import assert_close
+from tests.helpers.oracles import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 

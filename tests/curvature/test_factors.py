@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from kfcrun.curvature import UnsupportedLayerError, batch_factors, batch_factors_for_loss, make_block, nll_sum
-
-from .nets import conv_net, two_conv_net
-from .oracles import assert_close, conv_patches_loops, nll_of, oracle_factors
+from tests.helpers.nets import conv_net, two_conv_net
+from tests.helpers.oracles import assert_close, conv_patches_loops, nll_of, oracle_factors
 
 # PyTorch warns (once) that an even kernel with padding="same" pads a copy of the input.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")

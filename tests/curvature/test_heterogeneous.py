@@ -20,7 +20,7 @@ from kfcrun.curvature import (
     uncovered_modules,
 )
 
-from .oracles import assert_close, unvec, vec
+from tests.helpers.oracles import assert_close, unvec, vec
 
 
 class Mixed(nn.Module):

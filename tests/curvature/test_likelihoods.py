@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kfcrun.curvature import Bernoulli, Gaussian, SoftmaxCrossEntropy, make_likelihood, make_loss_fn
 
-from .oracles import assert_close
+from tests.helpers.oracles import assert_close
 
 
 def output_fisher(lik, out: torch.Tensor) -> torch.Tensor:

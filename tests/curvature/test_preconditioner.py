@@ -17,9 +17,8 @@ from kfcrun.curvature import (
     combined_grad,
     split_update,
 )
-
-from .nets import two_conv_net
-from .oracles import assert_close, unvec, vec
+from tests.helpers.nets import two_conv_net
+from tests.helpers.oracles import assert_close, unvec, vec
 
 # PyTorch warns (once) that an even kernel with padding="same" pads a copy of the input.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")

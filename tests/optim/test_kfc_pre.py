@@ -14,7 +14,7 @@ from torch import nn
 from kfcrun.curvature import batch_factors, sample_targets
 from kfcrun.optim import SGD, KFCPre, build_param_groups
 from kfcrun.optim.fisher_vector import fisher_quadratic
-from tests.curvature.oracles import assert_close
+from tests.helpers.oracles import assert_close
 
 
 def tiny_net(seed: int = 0, batch_norm: bool = False) -> nn.Sequential:

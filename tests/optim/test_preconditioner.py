@@ -13,7 +13,7 @@ from torch import nn
 from kfcrun.curvature import batch_factors
 from kfcrun.optim import KFCPre, KFCPreconditioner
 from kfcrun.optim.fisher_vector import fisher_quadratic
-from tests.curvature.oracles import assert_close, unvec, vec
+from tests.helpers.oracles import assert_close, unvec, vec
 
 
 def small_net(seed: int = 0) -> nn.Sequential:

@@ -83,6 +83,16 @@ class UnsupportedLayerError(KfcrunError, ValueError):
     """A layer configuration KFC does not cover (e.g. ``approx="sua"`` on a grouped convolution)."""
 
 
+def _weight(module: nn.Module) -> Tensor:
+    """``module.weight`` of a Conv2d/Linear, typed (``nn.Module.__getattr__`` is not)."""
+    return cast(Tensor, module.weight)
+
+
+def _bias(module: nn.Module) -> Tensor | None:
+    """``module.bias`` of a Conv2d/Linear (``None`` for a layer without bias), typed."""
+    return cast("Tensor | None", module.bias)
+
+
 def combined_matrix(weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
     """``[b | W.flatten(1)]`` of shape ``I x (1 + J|Δ|)``, or ``W.flatten(1)`` without bias."""
     flat = weight_like.reshape(weight_like.shape[0], -1)
@@ -93,8 +103,8 @@ def combined_matrix(weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
 
 def combined_grad(module: nn.Module) -> Tensor:
     """``G = [grad_b | grad_W.flatten(1)]`` of a Conv2d/Linear (zeros where ``.grad`` is None)."""
-    weight: Tensor = module.weight
-    bias: Tensor | None = module.bias
+    weight = _weight(module)
+    bias = _bias(module)
     gw = weight.grad if weight.grad is not None else torch.zeros_like(weight)
     gb = None
     if bias is not None:
@@ -104,7 +114,7 @@ def combined_grad(module: nn.Module) -> Tensor:
 
 def split_update(module: nn.Module, mat: Tensor) -> tuple[Tensor, Tensor | None]:
     """Inverse of :func:`combined_matrix`: ``(dW shaped like weight, db or None)``."""
-    weight: Tensor = module.weight
+    weight = _weight(module)
     if module.bias is None:
         return mat.reshape(weight.shape), None
     return mat[:, 1:].reshape(weight.shape), mat[:, 0].clone()
