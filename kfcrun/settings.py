@@ -48,7 +48,8 @@ class TrainerSettings:
     epochs and keeps its meaning when ``batch_size`` changes (:meth:`iterations`).
     ``max_train_seconds`` stops the run once that much training time (``train_time_s``) is
     used, a time budget on top of the iteration budget (the stop iteration then depends on
-    the machine's speed). ``test_eval_size`` evaluates on a fixed random subset of the test set (``null``: all of it).
+    the machine's speed). ``test_eval_size`` evaluates on a fixed random subset of the test set
+    (``null``: all of it).
     ``lr_schedule`` (``constant``, ``cosine``, ``step`` with ``lr_milestones`` as fractions
     of the run and ``lr_decay``) scales the optimizer's learning rate per iteration
     (:mod:`kfcrun.optim.lr_schedule`).
@@ -66,7 +67,10 @@ class TrainerSettings:
     checkpoint_every: Annotated[int | str | None, period("1000", optional=True)] = 1000
     log_every: Annotated[int, integer(1, "10")] = 10
     lr_schedule: Annotated[str, choice("constant", "cosine", "step")] = "constant"
-    lr_milestones: Annotated[tuple[float, ...], list_of(number("0.5", gt=0, lt=1), "[0.5, 0.75]")] = (0.5, 0.75)
+    lr_milestones: Annotated[tuple[float, ...], list_of(number("0.5", gt=0, lt=1), "[0.5, 0.75]")] = (
+        0.5,
+        0.75,
+    )
     lr_decay: Annotated[float, number("0.1", gt=0, le=1)] = 0.1
     device: Annotated[str, device_rule()] = "auto"
     threads: Annotated[int | None, integer(1, "2", optional=True)] = None

@@ -182,8 +182,9 @@ class Trainer:
         )
         if settings.lr_schedule != "constant" and not getattr(self.optimizer, "supports_lr_schedule", True):
             raise ConfigError(
-                f"config error: trainer.lr_schedule={settings.lr_schedule} but optimizer {cfg.optimizer.name} "
-                "adapts its own step size; allowed: constant; fix: trainer.lr_schedule=constant"
+                f"config error: trainer.lr_schedule={settings.lr_schedule} but optimizer "
+                f"{cfg.optimizer.name} adapts its own step size; allowed: constant; "
+                "fix: trainer.lr_schedule=constant"
             )
 
     # -- phase 2: resume, or start fresh --------------------------------------------------------
@@ -300,7 +301,11 @@ class Trainer:
         settings = self.settings
         if settings.lr_schedule != "constant":
             factor = lr_factor(
-                settings.lr_schedule, self.iteration + 1, self.max_iters, settings.lr_milestones, settings.lr_decay
+                settings.lr_schedule,
+                self.iteration + 1,
+                self.max_iters,
+                settings.lr_milestones,
+                settings.lr_decay,
             )
             apply_lr_factor(self.optimizer, factor)  # type: ignore[arg-type]
         self.clock.start()

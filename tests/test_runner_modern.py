@@ -21,7 +21,9 @@ from kfcrun.optim.lr_schedule import apply_lr_factor, lr_factor
 
 
 def config(cache_dir: Path, *overrides: str) -> DictConfig:
-    cfg = _compose(["experiment=smoke", "trainer.progress=false", f"dataset.cache_dir={cache_dir}", *overrides])
+    cfg = _compose(
+        ["experiment=smoke", "trainer.progress=false", f"dataset.cache_dir={cache_dir}", *overrides]
+    )
     _validate(cfg)
     container = OmegaConf.to_container(cfg, resolve=False)
     container.pop("hydra")
@@ -30,7 +32,9 @@ def config(cache_dir: Path, *overrides: str) -> DictConfig:
 
 # -- augmentation -----------------------------------------------------------------------------------
 def test_crop_flip_is_a_padded_crop_and_a_mirror() -> None:
-    images = torch.randint(0, 256, (5, 3, 6, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(
+        0, 256, (5, 3, 6, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     aug = CropFlip(seed=3, padding=2)
     out = aug(images, iteration=4)
     gen = aug.generator(4, images.device)  # the same draws, by definition
@@ -101,11 +105,13 @@ def test_lr_factors() -> None:
         lr_factor("linear", 1, 10)
 
 
-def test_schedule_is_refused_for_an_optimizer_that_adapts_its_step(tmp_path: Path, cache_dir: Path, monkeypatch):
+def test_schedule_is_refused_for_an_optimizer_that_adapts_its_step(
+    tmp_path: Path, cache_dir: Path, monkeypatch
+):
     from kfcrun.optim import SGD
 
     monkeypatch.setattr(SGD, "supports_lr_schedule", False, raising=False)
-    with pytest.raises(ConfigError, match="trainer.lr_schedule=step but optimizer sgd adapts"):
+    with pytest.raises(ConfigError, match=r"trainer\.lr_schedule=step but optimizer sgd adapts"):
         train_module.train(config(cache_dir, "trainer.lr_schedule=step"), tmp_path)
 
 
@@ -140,7 +146,9 @@ def test_resnet18_cifar_shape_and_size() -> None:
     model = ResNet18Cifar()
     assert sum(p.numel() for p in model.parameters()) == 11_173_962
     assert isinstance(model.conv1, torch.nn.Conv2d) and model.conv1.kernel_size == (3, 3)
-    assert model.conv1.stride == (1, 1) and not any(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    assert model.conv1.stride == (1, 1) and not any(
+        isinstance(m, torch.nn.MaxPool2d) for m in model.modules()
+    )
     assert model.layer4[0].conv2.weight[0].numel() == 4608  # KFC's largest Omega
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
@@ -160,14 +168,19 @@ def test_models_by_config(overrides: list[str], expected: str, cache_dir: Path) 
 
 
 def test_unknown_torchvision_arch_is_refused_in_one_line(cache_dir: Path) -> None:
-    with pytest.raises(ConfigError, match="model.arch=resnet19"):
+    with pytest.raises(ConfigError, match=r"model\.arch=resnet19"):
         config(cache_dir, "model=torchvision", "model.arch=resnet19")
 
 
 def test_resnet18_experiments_run_when_shrunk(tmp_path: Path, cache_dir: Path) -> None:
-    """cifar10_resnet18_{sgd,kfc} end to end on generated data, with a narrow network (the full one is slow)."""
-    for name, extra in (("cifar10_resnet18_sgd", []), ("cifar10_resnet18_kfc", ["optimizer.init_examples=32"])):
-        cfg = _compose([f"experiment={name}", "+debug=fast", "model.width=4", f"dataset.cache_dir={cache_dir}", *extra])
+    """cifar10_resnet18_{sgd,kfc} end to end on generated data, with a narrow network (full width is slow)."""
+    for name, extra in (
+        ("cifar10_resnet18_sgd", []),
+        ("cifar10_resnet18_kfc", ["optimizer.init_examples=32"]),
+    ):
+        cfg = _compose(
+            [f"experiment={name}", "+debug=fast", "model.width=4", f"dataset.cache_dir={cache_dir}", *extra]
+        )
         _validate(cfg)
         plain = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"})
         assert plain.dataset.augment and plain.trainer.lr_schedule == "cosine"

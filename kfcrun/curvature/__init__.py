@@ -10,7 +10,8 @@ Layout: :mod:`.kron_math` (pure tensor math), :mod:`.coverage` (which layers,
 :func:`kfc_layers`), :mod:`.capture` and :mod:`.derivatives` (one recorded pass and the
 output derivatives ``DS``), :mod:`.likelihoods` (output distributions), :mod:`.fisher`
 (which targets), :mod:`.factors` (Eqn 32 estimates), :mod:`.blocks` (one class per layer
-type), :mod:`.inverses` (damping strategies), :mod:`.schedule` (``T_s``/``T_f``), :mod:`.kfc_curvature` (the manager).
+type), :mod:`.inverses` (damping strategies), :mod:`.schedule` (``T_s``/``T_f``),
+:mod:`.kfc_curvature` (the manager).
 
 Public API:
 

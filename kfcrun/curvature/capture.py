@@ -66,7 +66,7 @@ class ActivationCapture:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, list[LayerRecord]]]:
-        """Register the hooks, yield the (filling) ``name -> [LayerRecord per use]`` dict, remove the hooks."""
+        """Register the hooks, yield the (filling) ``name -> [record per use]`` dict, remove the hooks."""
         if self._handles:
             raise RuntimeError("ActivationCapture.recording() is not re-entrant")
         self.records = {}

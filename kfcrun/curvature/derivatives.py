@@ -55,7 +55,7 @@ class LayerPass:
     names: list[str] = field(default_factory=list)
 
     def layer_inputs(self, name: str) -> list[Tensor]:
-        """Layer ``name``'s (detached) input of every use, checked for in-place modification since the pass."""
+        """Layer ``name``'s (detached) input of every use, checked for in-place edits since the pass."""
         return [record.checked_input(name) for record in self.records[name]]
 
     def layer_input(self, name: str) -> Tensor:
@@ -68,7 +68,9 @@ class LayerPass:
         return inputs[0]
 
     def derivatives(self, loss: Tensor, *, retain_graph: bool = False) -> dict[str, list[Tensor]]:
-        """``{name: [d loss / d output of each use]}`` for every layer that ran (zeros where an output does not reach the loss).
+        """``{name: [d loss / d output of each use]}`` for every layer that ran.
+
+        Zeros where an output does not reach the loss.
 
         A layer whose output does not reach the loss gets zeros. The derivative of a loss
         that sums per-example losses has one row per example and output position: ``DS``

@@ -218,6 +218,7 @@ class KroneckerInverse(DampedInverse):
     def prepare(
         self, factors: Sequence[Tensor], totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
+        """:meth:`_prepare` of the factors ``(Omega, Gamma)``."""
         omega, gamma = factors
         return self._prepare(omega, gamma, totals, compute_dtype)
 
@@ -435,6 +436,7 @@ class EigenInverse(KroneckerInverse):
 
     @property
     def ready(self) -> bool:
+        """Whether both factors' eigendecompositions are installed (``Q = None`` for a diagonal one)."""
         return (
             self.d_omega is not None
             and self.d_gamma is not None
@@ -491,6 +493,7 @@ class EigenInverse(KroneckerInverse):
         self.d_gamma = torch.zeros(*shape.lead, self.gamma_dim, dtype=store, device=device)
 
     def apply(self, grad: Tensor, index: int = 0) -> Tensor:
+        """``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + t)] Q_O^T`` (Eqns 42-44), ``t`` of candidate ``index``."""
         if not self.ready or self.d_omega is None or self.d_gamma is None:
             raise RuntimeError(
                 f"kfc: layer {self.name!r} has no eigendecomposition; call update_inverses() first"
@@ -564,11 +567,13 @@ class UnitwiseInverse(DampedInverse):
 
     @property
     def ready(self) -> bool:
+        """Whether the per-unit inverses are installed."""
         return self.inverse is not None
 
     def prepare(
         self, factors: Sequence[Tensor], totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
+        """Batched Cholesky inverses of ``F_p + t I`` for every total ``t``; flags ``[finite, ok per t]``."""
         (fisher,) = factors
         dt = compute_dtype if compute_dtype is not None else fisher.dtype
         pending = _UnitPending(fisher, list(totals))
@@ -584,6 +589,7 @@ class UnitwiseInverse(DampedInverse):
         return torch.stack([torch.isfinite(fisher).all(), *oks])
 
     def commit(self, flags: Sequence[bool]) -> None:
+        """Install the inverses; a failed Cholesky takes the clamped eigendecomposition (one warning)."""
         pending, self._pending = self._pending, None
         assert pending is not None, "commit() without prepare()"
         store, device = pending.fisher.dtype, pending.fisher.device
@@ -616,6 +622,7 @@ class UnitwiseInverse(DampedInverse):
         self.inverse = eye.expand(self.units, self.dim, self.dim).clone()
 
     def apply(self, grad: Tensor, index: int = 0) -> Tensor:
+        """``(F_p + t I)^{-1} g_p`` for every unit ``p`` of ``grad`` ``(P, d)``."""
         if self.inverse is None:
             raise RuntimeError(f"kfc: layer {self.name!r} has no inverses; call update_inverses() first")
         inverse = self.inverse if index == 0 else self._extra[index - 1]

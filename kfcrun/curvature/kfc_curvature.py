@@ -197,7 +197,7 @@ class KFCCurvature:
         return self.num_inverse_updates > 0
 
     def coverage(self) -> dict[str, str]:
-        """``{module name: block kind}`` for the covered modules, e.g. ``{"conv1": "conv2d", "bn1": "norm"}``."""
+        """``{module name: block kind}`` of the covered modules, e.g. ``{"conv1": "conv2d"}``."""
         return {name: block.kind for name, block in self.blocks.items()}
 
     # -- statistics ---------------------------------------------------------------------------
@@ -208,7 +208,7 @@ class KFCCurvature:
         *,
         generator: torch.Generator | None = None,
     ) -> dict[str, Estimate]:
-        """``{name: estimate}`` (Eqn 32; ``(Omega_hat, Gamma_hat)`` for Kronecker blocks), without folding them in.
+        """``{name: estimate}`` (Eqn 32; ``(Omega_hat, Gamma_hat)`` for Kronecker blocks), not folded in.
 
         ``inputs`` is one mini-batch or a list of micro-batches (and ``targets`` likewise):
         micro-batches are run one at a time and their estimates combined by an
@@ -275,7 +275,7 @@ class KFCCurvature:
         generator: torch.Generator | None = None,
         init: bool = False,
     ) -> StatisticsUpdate:
-        """:meth:`estimate_statistics` on all of ``inputs`` (one batch or its micro-batches), then :meth:`fold_statistics`."""
+        """:meth:`estimate_statistics` on a batch (or micro-batches), then :meth:`fold_statistics`."""
         start = time.perf_counter()
         estimates = self.estimate_statistics(inputs, targets, generator=generator)
         nonfinite = self.fold_statistics(estimates, init=init)

@@ -385,7 +385,7 @@ def gamma_from_derivatives(
 
 
 def symmetrize(mat: Tensor) -> Tensor:
-    """``(mat + mat^T) / 2`` over the last two dims; factors are symmetric in exact arithmetic, not after rounding."""
+    """``(mat + mat^T) / 2`` over the last two dims: symmetric in exact arithmetic is not after rounding."""
     return (mat + mat.mT) * 0.5
 
 
@@ -443,7 +443,7 @@ def damped_factors(
 
 
 def cholesky_inverse_fast(mat: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverse of a symmetric positive-definite ``mat`` (or a batch of them) through Cholesky, without a host sync.
+    """Inverse of a symmetric positive-definite ``mat`` (or a batch) through Cholesky, without a host sync.
 
     Returns ``(inverse, ok)`` where ``ok`` is a 0-d bool tensor: every factorisation
     succeeded and the inverse is finite. Callers batch the ``ok`` flags into one sync
@@ -552,7 +552,7 @@ def kron_solve_pi(
     gamma_diagonal: bool = False,
     omega_diagonal: bool = False,
 ) -> Tensor:
-    """``(Omega_d ⊗ Gamma_d)^{-1} vec(G) = vec(Gamma_d^{-1} G Omega_d^{-1})`` (Eqn 29), per block of a batch."""
+    """``(Omega_d ⊗ Gamma_d)^{-1} vec(G) = vec(Gamma_d^{-1} G Omega_d^{-1})`` (Eqn 29), per block."""
     return _right(_left(gamma_inv, grad, gamma_diagonal), omega_inv, omega_diagonal)
 
 

@@ -80,7 +80,7 @@ class Likelihood(ABC):
 
     @abstractmethod
     def expected_losses(self, output: Tensor, labels: Tensor | None = None) -> list[Tensor]:
-        """Losses whose derivative outer products w.r.t. ``output`` sum to the output Fisher ``H_n`` of every example.
+        """Losses whose derivatives' outer products sum to every example's output Fisher ``H_n``.
 
         Each loss is linear in ``output`` with a detached cotangent: a column of a square
         root of ``H``, at ONE output position (all examples in the same pass, which never
@@ -133,6 +133,7 @@ class SoftmaxCrossEntropy(Likelihood):
 
     @property
     def needs_labels(self) -> bool:
+        """With an ``ignore_index``: the labels mark the masked positions."""
         return self.ignore_index is not None
 
     def _rows(self, t: Tensor) -> Tensor:
@@ -169,12 +170,15 @@ class SoftmaxCrossEntropy(Likelihood):
         return draws.reshape(self._target_shape(output))
 
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
+        """``F.cross_entropy(..., reduction="sum")`` (masked positions excluded)."""
         logits = output.movedim(-1, 1) if self.class_dim == -1 and output.dim() > 2 else output
         ignore = self.ignore_index if self.ignore_index is not None else -100
         return F.cross_entropy(logits, targets, reduction="sum", ignore_index=ignore)
 
     def expected_losses(self, output: Tensor, labels: Tensor | None = None) -> list[Tensor]:
-        """Per class ``c`` and position ``t``: ``sum_n <f_nt, B_nt[:, c]>`` with ``B = diag(sqrt p) - p sqrt(p)^T`` (detached).
+        """Per class ``c`` and position ``t``: the loss ``sum_n <f_nt, B_nt[:, c]>``.
+
+        ``B = diag(sqrt p) - p sqrt(p)^T``, detached.
 
         The derivative w.r.t. ``f_nt`` is ``sqrt(p_c) (e_c - p)``, i.e. ``sqrt(p_c)`` times
         minus the NLL gradient for target ``c``; ``B B^T = diag(p) - p p^T``.
@@ -228,6 +232,7 @@ class Gaussian(Likelihood):
         return f + noise
 
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
+        """``sum 1/2 (f - y)^2`` over all entries (the constant ``log(2 pi)/2`` dropped)."""
         return 0.5 * (output - targets).square().sum()
 
     def expected_losses(self, output: Tensor, labels: Tensor | None = None) -> list[Tensor]:
@@ -258,10 +263,11 @@ class Bernoulli(Likelihood):
         return torch.bernoulli(p, generator=generator).to(output.dtype)
 
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
+        """``F.binary_cross_entropy_with_logits(f, y, reduction="sum")``."""
         return F.binary_cross_entropy_with_logits(output, targets.to(output.dtype), reduction="sum")
 
     def expected_losses(self, output: Tensor, labels: Tensor | None = None) -> list[Tensor]:
-        """One pass per entry ``j`` of an example's output: cotangent ``sqrt(p_j (1 - p_j)) e_j`` (detached)."""
+        """One pass per entry ``j`` of an example's output: cotangent ``sqrt(p_j (1 - p_j)) e_j``."""
         p = torch.sigmoid(output.detach())
         root = (p * (1 - p)).sqrt().reshape(output.shape[0], -1)
         flat = output.reshape(output.shape[0], -1)

@@ -41,7 +41,7 @@ class CropFlip:
         return torch.Generator(device=device).manual_seed(derive_seed("CropFlip", self.seed, int(iteration)))
 
     def __call__(self, images: Tensor, iteration: int) -> Tensor:
-        """``images`` ``(B, C, H, W)`` (any dtype) cropped and flipped with iteration ``iteration``'s draws."""
+        """``images`` ``(B, C, H, W)`` (any dtype) cropped and flipped with this iteration's draws."""
         b, _, h, w = images.shape
         p = self.padding
         gen = self.generator(iteration, images.device)

@@ -1,5 +1,7 @@
-"""Optimizers as ``torch.optim.Optimizer`` subclasses: SGD (the paper's baseline) and KFC-pre,
-and :class:`KFCPreconditioner`, which turns ``.grad`` into the KFC natural gradient for any optimizer.
+"""Optimizers: SGD (the paper's baseline), KFC-pre, and a KFC preconditioner for any optimizer.
+
+:class:`SGD` and :class:`KFCPre` are ``torch.optim.Optimizer`` subclasses;
+:class:`KFCPreconditioner` turns ``.grad`` into the KFC natural gradient for any optimizer.
 
 SGD and KFC-pre implement :class:`~kfcrun.optim.protocol.TrainingOptimizer`, the small
 protocol the training loop uses (initialize, step with the mini-batch, averaged

@@ -73,9 +73,7 @@ def leading_fraction(
     return inputs, labels
 
 
-def leading_examples(
-    batches: Batches, targets: Batches | None, count: int
-) -> tuple[Batches, Batches | None]:
+def leading_examples(batches: Batches, targets: Batches | None, count: int) -> tuple[Batches, Batches | None]:
     """The first ``count`` examples of the step, as chunks of (at most) the micro-batches."""
     inputs: Batches = []
     labels: Batches | None = None if targets is None else []
@@ -92,7 +90,7 @@ def leading_examples(
 
 
 class CurvatureRefresher:
-    """Algorithm 1's curvature updates for one :class:`~kfcrun.curvature.KFCCurvature`, on a step's micro-batches.
+    """Algorithm 1's updates of a :class:`~kfcrun.curvature.KFCCurvature`, on a step's micro-batches.
 
     Args:
         curvature: the blocks.
@@ -129,7 +127,7 @@ class CurvatureRefresher:
         return self.curvature.has_inverses
 
     def update_statistics(self, batches: Batches, targets: Batches | None, *, init: bool) -> None:
-        """Estimate on all of ``batches`` (micro-batch by micro-batch) and fold in (Eqn 33, or the initial mean)."""
+        """Estimate on all of ``batches`` (micro-batch by micro-batch) and fold in (Eqn 33, or init)."""
         with self.timer("statistics"), self.recorder.paused(), torch.enable_grad():
             update = self.curvature.update_statistics(batches, targets, generator=self.generator, init=init)
         self.health["stats_nonfinite"] = update.nonfinite
@@ -142,9 +140,12 @@ class CurvatureRefresher:
         self.health["inverse_nonfinite"] = torch.tensor(float(update.nonfinite))
 
     def initialize(
-        self, batches: Iterable[InitBatch], damping: float | Sequence[float], weight_decays: Mapping[str, float]
+        self,
+        batches: Iterable[InitBatch],
+        damping: float | Sequence[float],
+        weight_decays: Mapping[str, float],
     ) -> None:
-        """Algorithm 1's initial estimate: the equal-weight mean of Eqn 32 over ``batches``, then the inverses.
+        """Algorithm 1's initial estimate: the mean of Eqn 32 over ``batches``, then the inverses.
 
         ``batches`` yields input tensors, or ``(inputs, labels)`` pairs (labels are used by
         the empirical Fisher and by likelihoods that mask positions). Every example is used.
@@ -165,7 +166,7 @@ class CurvatureRefresher:
         damping: float | Sequence[float],
         weight_decays: Mapping[str, float],
     ) -> None:
-        """Iteration ``k`` (from 1): statistics every ``T_s`` and inverses every ``T_f``, on the statistics subset.
+        """Iteration ``k`` (from 1): statistics every ``T_s``, inverses every ``T_f``, on the stats subset.
 
         Before any inverse exists, the step initializes the factors from its own batch.
         """
@@ -191,17 +192,17 @@ def precondition_parameters(
     """
     combined: dict[str, Tensor] = {}
     for name, block in curvature.blocks.items():
-        weight = grads[block.module.weight] if block.covers_weight else None
-        bias = grads[block.module.bias] if block.covers_bias else None
+        weight = grads[block.weight] if block.weight is not None else None
+        bias = grads[block.bias] if block.bias is not None else None
         combined[name] = block.combine(weight, bias)
     solved = curvature.precondition(combined, index)
     out: dict[Tensor, Tensor] = {}
     for name, block in curvature.blocks.items():
         d_weight, d_bias = block.split(solved[name])
-        if block.covers_weight and d_weight is not None:
-            out[block.module.weight] = d_weight
-        if block.covers_bias and d_bias is not None:
-            out[block.module.bias] = d_bias
+        if block.weight is not None and d_weight is not None:
+            out[block.weight] = d_weight
+        if block.bias is not None and d_bias is not None:
+            out[block.bias] = d_bias
     return out
 
 
@@ -212,7 +213,7 @@ def exact_quadratic(
     targets: Batches | None,
     tangents: Mapping[str, Tensor],
 ) -> Tensor:
-    """``v^T F v`` with the exact Fisher averaged over all examples of ``batches`` (micro-batch by micro-batch).
+    """``v^T F v``, the exact Fisher averaged over the examples of ``batches`` (micro-batch by micro-batch).
 
     ``F`` is the Fisher of the per-example NLL (summed over output positions) averaged
     over examples, the same object the curvature blocks approximate; each micro-batch's

@@ -15,9 +15,10 @@ exact Fisher of ``nu`` re-run the network on part of it). There are two ways to 
   (``for x in micro_batches: loss(model(x)).backward()``, then one ``step()``); a
   forward pass without a backward (e.g. a training-accuracy pass) is not a batch. A
   model whose output is not a tensor records every train-mode forward with gradients.
-  The optimizer's own passes are excluded (:meth:`BatchRecorder.paused`). The hook holds no reference to the optimizer; a deep
-  copy of the model gets its own recorder (so an EMA copy's forwards cannot add
-  batches), and the recorded batches are not pickled with the model.
+  The optimizer's own passes are excluded (:meth:`BatchRecorder.paused`). The hook
+  holds no reference to the optimizer; a deep copy of the model gets its own recorder
+  (so an EMA copy's forwards cannot add batches), and the recorded batches are not
+  pickled with the model.
   ``opt.remove_hooks()`` detaches it.
 
 Explicit inputs always win over recorded ones; ``step(inputs=[x1, x2, ...])`` passes
@@ -38,7 +39,10 @@ __all__ = ["BatchRecorder"]
 
 
 class BatchRecorder:
-    """A forward pre-hook that keeps the model's training-mode inputs since the last step (see the module docstring)."""
+    """A forward hook that keeps the batches of the model's training passes since the last step.
+
+    See the module docstring.
+    """
 
     def __init__(self) -> None:
         self.batches: list[Tensor] = []

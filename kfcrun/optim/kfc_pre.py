@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +109,9 @@ class KFCPre(torch.optim.Optimizer):
             iterations stale mis-scale the step. 0 (default) is Algorithm 1 exactly.
         clip: ``C`` of the update clipping; ``None`` disables clipping (and ``nu``).
         nu_fraction: fraction of the mini-batch whose exact Fisher estimates ``nu`` (paper: 1/4).
+            With BatchNorm the ``nu`` pass normalizes over that subset (train mode), so keep it
+            at a few dozen examples: over two examples of a 1x1 map the batch variance can
+            nearly vanish and ``nu`` explode, and the clip then freezes the step.
         stats_fraction: fraction of the mini-batch used for the factor statistics (the
             estimate gets noisier, the cost falls in proportion; App. A.3). The first
             ``ceil(f * M)`` examples are used; ``M`` in Eqn 32 is then that subset's size.
@@ -179,9 +182,12 @@ class KFCPre(torch.optim.Optimizer):
         inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
     ) -> None:
+        compute_dtype: torch.dtype | None
         if isinstance(inverse_dtype, str):
             check_arguments(KFCPre, {"inverse_dtype": inverse_dtype})
-            inverse_dtype = getattr(torch, inverse_dtype)
+            compute_dtype = getattr(torch, inverse_dtype)
+        else:
+            compute_dtype = inverse_dtype
         check_arguments(KFCPre, {k: v for k, v in locals().items() if k != "inverse_dtype"})
         self.schedule = CurvatureSchedule(stats_every, inverse_every, refresh_until)
         self.model = model
@@ -191,7 +197,7 @@ class KFCPre(torch.optim.Optimizer):
             damping_mode=damping_mode,
             fisher_type=fisher,
             chunk_size=chunk_size,
-            inverse_dtype=inverse_dtype,
+            inverse_dtype=compute_dtype,
             omega_model=approx,
             likelihood=likelihood,
             skip_layers=skip_layers,
@@ -247,7 +253,7 @@ class KFCPre(torch.optim.Optimizer):
 
     @property
     def needs_labels(self) -> bool:
-        """The empirical Fisher, and a likelihood that masks positions, need the labels (``step(targets=...)``)."""
+        """The empirical Fisher and a masking likelihood need the labels (``step(targets=...)``)."""
         return self.curvature.fisher_type is FisherType.EMPIRICAL or self.curvature.likelihood.needs_labels
 
     @property
@@ -283,7 +289,7 @@ class KFCPre(torch.optim.Optimizer):
         self.refresher.initialize(batches, self.damping, self.block_weight_decays)
 
     def _refresh_curvature(self, k: int, batches: list[Tensor], targets: list[Tensor] | None) -> None:
-        """Phase 1: statistics every ``T_s`` and inverses every ``T_f`` (on a statistics subset of every micro-batch)."""
+        """Phase 1: statistics every ``T_s`` and inverses every ``T_f`` (on a subset of every micro-batch)."""
         self.refresher.refresh(k, batches, targets, self.damping, self.block_weight_decays)
 
     # -- the step ---------------------------------------------------------------------------------
@@ -357,7 +363,7 @@ class KFCPre(torch.optim.Optimizer):
     def _clip(
         self, batches: list[Tensor], targets: list[Tensor] | None, updates: dict[Tensor, Tensor]
     ) -> tuple[Tensor | None, Tensor | None]:
-        """Phase 3: ``nu`` on part of the step's examples; scale ``v`` in place so that ``nu <= C`` (no host sync)."""
+        """Phase 3: ``nu`` on part of the step's examples; scale ``v`` in place so ``nu <= C`` (no sync)."""
         if self.clip is None:
             return None, None
         with self.timer("nu"):
@@ -381,14 +387,18 @@ class KFCPre(torch.optim.Optimizer):
         torch._foreach_add_(buffers, list(updates.values()))
         torch._foreach_add_(params, buffers)
 
-    def _nu(self, batches: list[Tensor], targets: list[Tensor] | None, updates: dict[Tensor, Tensor]) -> Tensor:
-        """``v^T F v + sum lambda |v|^2`` with the exact Fisher of the first ``nu_fraction`` of the step's examples."""
+    def _nu(
+        self, batches: list[Tensor], targets: list[Tensor] | None, updates: dict[Tensor, Tensor]
+    ) -> Tensor:
+        """``v^T F v + sum lambda |v|^2``, exact Fisher of the step's first ``nu_fraction`` of examples."""
         total = sum(x.shape[0] for x in batches)
         inputs, labels = leading_examples(batches, targets, subset_size(self.nu_fraction, total))
         tangents = {self._param_names[id(p)]: v for p, v in updates.items()}
         with self.recorder.paused(), torch.enable_grad():
             quadratic = exact_quadratic(self.model, self.curvature.likelihood, inputs, labels, tangents)
-        decay_terms = [self.decays[p] * v.square().sum() for p, v in updates.items() if self.decays.get(p, 0.0)]
+        decay_terms = [
+            self.decays[p] * v.square().sum() for p, v in updates.items() if self.decays.get(p, 0.0)
+        ]
         return quadratic + torch.stack(decay_terms).sum() if decay_terms else quadratic
 
     # -- evaluation, logging, state --------------------------------------------------------------

@@ -20,7 +20,9 @@ def _likelihood(value: Any) -> bool:
 
 
 def _names(value: Any) -> bool:
-    return value is None or (isinstance(value, (list, tuple)) and all(isinstance(x, str) and x for x in value))
+    return value is None or (
+        isinstance(value, (list, tuple)) and all(isinstance(x, str) and x for x in value)
+    )
 
 
 #: ``likelihood``: one of the names in :data:`kfcrun.curvature.LIKELIHOODS` (or a Likelihood object).

@@ -10,10 +10,9 @@ Weight decay here is always the L2 term ``lambda/2 * |w|^2`` of the objective, w
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
-from torch import nn
-
-from torch import Tensor
+from torch import Tensor, nn
 
 from kfcrun.curvature import canonical_name
 from kfcrun.curvature.coverage import KRONECKER_LAYER_TYPES
@@ -56,7 +55,7 @@ def layer_weight_decays(
 def parameter_weight_decays(
     model: nn.Module, lambdas: Mapping[str, float], decay_biases: bool = False
 ) -> dict[Tensor, float]:
-    """``{parameter: lambda}`` for the decayed parameters: weight-layer weights, and their biases if ``decay_biases``.
+    """``{parameter: lambda}`` of the decayed parameters: weight-layer weights (biases if ``decay_biases``).
 
     ``lambdas`` is :func:`layer_weight_decays`'s result; parameters with ``lambda = 0`` are left out.
     """
@@ -65,10 +64,11 @@ def parameter_weight_decays(
         decay = float(lambdas.get(name, 0.0))
         if not decay:
             continue
-        if module.weight.requires_grad:
-            out[module.weight] = decay
-        if decay_biases and module.bias is not None and module.bias.requires_grad:
-            out[module.bias] = decay
+        weight, bias = cast(Tensor, module.weight), cast("Tensor | None", module.bias)
+        if weight.requires_grad:
+            out[weight] = decay
+        if decay_biases and bias is not None and bias.requires_grad:
+            out[bias] = decay
     return out
 
 

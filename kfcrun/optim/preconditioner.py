@@ -126,7 +126,9 @@ class KFCPreconditioner:
         if damping <= 0:
             raise ValueError(f"damping must be > 0, got {damping}")
         if clip is not None and (clip <= 0 or lr is None or lr <= 0):
-            raise ValueError("clip needs clip > 0 and the optimizer's lr > 0 (KFCPreconditioner(..., clip=C, lr=...))")
+            raise ValueError(
+                "clip needs clip > 0 and the optimizer's lr > 0 (KFCPreconditioner(..., clip=C, lr=...))"
+            )
         for what, value in (("stats_fraction", stats_fraction), ("nu_fraction", nu_fraction)):
             if not 0 < value <= 1:
                 raise ValueError(f"{what} must be in (0, 1], got {value}")
@@ -176,12 +178,14 @@ class KFCPreconditioner:
 
     @torch.no_grad()
     def initialize(self, batches: Iterable[InitBatch]) -> None:
-        """Algorithm 1's initial factor estimate on ``batches`` (inputs or ``(inputs, labels)``), then the inverses."""
+        """Algorithm 1's initial estimate on ``batches`` (inputs, or ``(inputs, labels)``), then inverses."""
         self.refresher.initialize(batches, self.damping, self._weight_decays())
 
     @torch.no_grad()
     def step(
-        self, inputs: Tensor | Sequence[Tensor] | None = None, targets: Tensor | Sequence[Tensor] | None = None
+        self,
+        inputs: Tensor | Sequence[Tensor] | None = None,
+        targets: Tensor | Sequence[Tensor] | None = None,
     ) -> None:
         """Refresh the curvature when due, then replace each covered ``.grad`` by its natural gradient.
 
@@ -199,8 +203,10 @@ class KFCPreconditioner:
         batches, labels = micro_batches(inputs if inputs is not None else recorded, targets)
         k = self.steps + 1
         self.refresher.refresh(k, batches, labels, self.damping, self._weight_decays())
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grads = {p: p.grad if p.grad is not None else torch.zeros_like(p) for p in params}
+        params: list[Tensor] = [p for p in self.model.parameters() if p.requires_grad]
+        grads: dict[Tensor, Tensor] = {
+            p: p.grad if p.grad is not None else torch.zeros_like(p) for p in params
+        }
         with self.timer("precondition"):
             natural = precondition_parameters(self.curvature, grads)
         for p, value in natural.items():
@@ -233,7 +239,7 @@ class KFCPreconditioner:
             self._recorder_handle = None
 
     def step_stats(self) -> dict[str, Any]:
-        """``nu``/``clip_factor`` of the last step (with clipping), ``pi_mean``, health counters and phase times."""
+        """``nu``/``clip_factor`` of the last step (with clipping), ``pi_mean``, health, phase times."""
         out: dict[str, Any] = {**self._last, **self.refresher.health}
         if self.refresher.pi_mean is not None:
             out["pi_mean"] = self.refresher.pi_mean

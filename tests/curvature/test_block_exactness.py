@@ -37,7 +37,6 @@ from kfcrun.curvature import (
     make_block,
 )
 from kfcrun.curvature.factors import block_estimates
-
 from tests.helpers.oracles import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -63,7 +62,7 @@ def approx_matrix(block: CurvatureBlock, estimate: tuple[torch.Tensor, ...]) -> 
 def layout_jacobian(
     block: CurvatureBlock, out_of_layout: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """``d out / d vec(layout)`` as ``(outputs, params)``: column-stacking per Kronecker block, row-major for norms."""
+    """``d out / d vec(layout)``, ``(outputs, params)``: column-stacking per Kronecker block."""
     weight = block.module.weight.detach() if block.covers_weight else None
     bias = block.module.bias.detach() if block.covers_bias else None
     layout = block.combine(weight, bias)
@@ -75,7 +74,7 @@ def layout_jacobian(
 
 
 def exact_fisher(model: nn.Module, name: str, block: CurvatureBlock, x: torch.Tensor) -> torch.Tensor:
-    """``(1/M) sum_n J_n^T J_n`` (Gaussian, H = I) w.r.t. the block's layout, J_n from the whole-batch forward."""
+    """``(1/M) sum_n J_n^T J_n`` (Gaussian, H = I) w.r.t. the block's layout (whole-batch forward)."""
     params = dict(model.named_parameters())
     total = None
     for n in range(x.shape[0]):
@@ -164,7 +163,7 @@ def test_conv_patches_reproduce_the_layer_output_for_every_padding_mode_and_grou
 
 
 def test_grouped_block_drops_cross_group_entries_once_groups_mix_downstream() -> None:
-    """One block per group is exact for the last layer (above); once a dense layer mixes the groups it drops terms."""
+    """Exact for the last layer (above); once a later layer mixes the groups, blocks per group drop terms."""
     conv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
     model = _init(nn.Sequential(conv, nn.Tanh(), nn.Conv2d(4, 2, 1)), 4)
     x = torch.randn(2, 4, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

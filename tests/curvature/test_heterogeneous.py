@@ -1,4 +1,4 @@
-"""KFCCurvature over every block type: damped solves against explicit systems, coverage, warnings, accumulation, state."""
+"""KFCCurvature over every block type: damped solves vs explicit systems, coverage, warnings, accumulation."""
 
 from __future__ import annotations
 
@@ -19,12 +19,11 @@ from kfcrun.curvature import (
     layer_matches,
     uncovered_modules,
 )
-
 from tests.helpers.oracles import assert_close, unvec, vec
 
 
 class Mixed(nn.Module):
-    """Grouped conv, GroupNorm, depthwise reflect conv, BN, Conv1d, Linear (capped factors at max_factor_dim=12)."""
+    """Grouped conv, GroupNorm, depthwise reflect conv, BN, Conv1d, Linear (max_factor_dim=12 caps some)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Likelihoods: losses against PyTorch's, samples against the distribution, square roots and H against definitions."""
+"""Likelihoods: losses vs PyTorch's, samples vs the distribution, square roots and H vs definitions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from kfcrun.curvature import Bernoulli, Gaussian, SoftmaxCrossEntropy, make_likelihood, make_loss_fn
-
 from tests.helpers.oracles import assert_close
 
 
@@ -46,7 +45,9 @@ LIKS = {
 @pytest.mark.parametrize("case", list(LIKS))
 def test_expected_losses_are_a_square_root_of_the_output_fisher(case: str) -> None:
     lik, shape = LIKS[case]
-    out = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = torch.randn(
+        *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True
+    )
     grads = [torch.autograd.grad(loss, out, retain_graph=True)[0] for loss in lik.expected_losses(out)]
     m = shape[0]
     got = sum(torch.einsum("mi,mj->mij", g.reshape(m, -1), g.reshape(m, -1)) for g in grads)
@@ -101,7 +102,9 @@ def test_ignore_index_masks_samples_losses_and_fisher() -> None:
     u = torch.randn(2, 3, 4, dtype=torch.float64, generator=g)
     masked = u.clone()
     masked[labels == -100] = 0.0
-    assert_close(lik.fisher_quadratic(logits, u, labels), lik.fisher_quadratic(logits, masked, labels), atol=1e-14)
+    assert_close(
+        lik.fisher_quadratic(logits, u, labels), lik.fisher_quadratic(logits, masked, labels), atol=1e-14
+    )
     assert lik.needs_labels
     with pytest.raises(ValueError, match="training labels"):
         make_loss_fn("sampled", likelihood=lik)

@@ -250,7 +250,7 @@ def test_reduces_to_sgd_with_momentum_without_preconditioning():
 
 
 def test_batch_norm_parameters_take_their_blocks_step():
-    """BN scale/shift: ``-alpha (F_c + gamma I)^{-1} g_c`` per channel, F_c from the first step's own batch."""
+    """BN scale/shift: ``-alpha (F_c + gamma I)^{-1} g_c`` per channel, F_c from the first step's batch."""
     model = tiny_net(batch_norm=True)
     bn = model[1]
     x, y = batch(2)

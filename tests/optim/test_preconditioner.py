@@ -17,7 +17,7 @@ from tests.helpers.oracles import assert_close, unvec, vec
 
 
 def small_net(seed: int = 0) -> nn.Sequential:
-    """conv(2->3, 3x3, pad 1) -> GroupNorm -> tanh -> Linear(48 -> 4), float64 (no BatchNorm: no cross-example terms)."""
+    """conv(2->3, 3x3, pad 1) -> GroupNorm -> tanh -> Linear(48 -> 4), float64 (no cross-example terms)."""
     torch.manual_seed(seed)
     net = nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)
@@ -36,7 +36,7 @@ def data(n_batches: int, m: int = 6, seed: int = 1) -> list[tuple[torch.Tensor, 
 
 
 def hand_natural_gradient(model: nn.Module, factors: dict, damping: float) -> None:
-    """Replace each covered ``.grad`` by the explicit solve of its damped block (Eqn 28 with pi; exact for GN)."""
+    """Replace each covered ``.grad`` by the explicit solve of its damped block (Eqn 28; exact for GN)."""
     for name, module in model.named_modules():
         if name not in factors:
             continue
@@ -78,7 +78,13 @@ def test_preconditioner_with_adamw_equals_a_hand_computation() -> None:
 
         # by hand: Eqn 32 estimates, the initial estimate then Eqn 33, inverses at k = 1 and every 2nd step
         est = batch_factors(ref, x, y)
-        running = est if k == 1 else {n: tuple(xi * r + (1 - xi) * e for r, e in zip(running[n], est[n], strict=True)) for n in est}
+        running = (
+            est
+            if k == 1
+            else {
+                n: tuple(xi * r + (1 - xi) * e for r, e in zip(running[n], est[n], strict=True)) for n in est
+            }
+        )
         if k == 1 or k % 2 == 0:
             frozen = {n: tuple(t.clone() for t in f) for n, f in running.items()}
         ref.zero_grad()
@@ -100,7 +106,7 @@ def test_preconditioner_with_adamw_equals_a_hand_computation() -> None:
 def test_uncovered_parameters_keep_their_gradient_and_clip_bounds_nu() -> None:
     model = small_net()
     precond = KFCPreconditioner(model, damping=1e-3, skip_layers=["4"], clip=1e-4, lr=0.5, nu_fraction=1.0)
-    (x, y), = data(1)
+    ((x, y),) = data(1)
     F.cross_entropy(model(x), y).backward()
     head = model[4].weight.grad.clone()
     precond.step()

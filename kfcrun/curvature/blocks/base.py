@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -145,8 +145,13 @@ class CurvatureBlock(ABC):
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module = module
-        self.covers_weight: bool = _trainable(getattr(module, "weight", None))
-        self.covers_bias: bool = _trainable(getattr(module, "bias", None))
+        weight = cast("Tensor | None", getattr(module, "weight", None))
+        bias = cast("Tensor | None", getattr(module, "bias", None))
+        self.covers_weight: bool = _trainable(weight)
+        self.covers_bias: bool = _trainable(bias)
+        #: The covered parameters (``None`` for one that is absent or frozen).
+        self.weight: Tensor | None = weight if self.covers_weight else None
+        self.bias: Tensor | None = bias if self.covers_bias else None
         self.inverse: DampedInverse
         for key in self.factor_names:
             setattr(self, key, None)
@@ -158,12 +163,7 @@ class CurvatureBlock(ABC):
     @property
     def params(self) -> list[Tensor]:
         """The parameters this block preconditions, in layout order (weight, then bias)."""
-        params = []
-        if self.covers_weight:
-            params.append(self.module.weight)
-        if self.covers_bias:
-            params.append(self.module.bias)
-        return params
+        return [p for p in (self.weight, self.bias) if p is not None]
 
     @abstractmethod
     def factor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -176,11 +176,17 @@ class CurvatureBlock(ABC):
 
     @abstractmethod
     def combine(self, weight_like: Tensor | None, bias_like: Tensor | None) -> Tensor:
-        """The block's layout from tensors shaped like the module's weight and bias (uncovered ones ignored)."""
+        """The block's layout from tensors shaped like the module's weight and bias.
+
+        Tensors for parameters the block does not cover are ignored.
+        """
 
     @abstractmethod
     def split(self, mat: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """``(weight-shaped, bias-shaped)`` from the block's layout; ``None`` for a parameter it does not cover."""
+        """``(weight-shaped, bias-shaped)`` from the block's layout.
+
+        ``None`` for a parameter the block does not cover.
+        """
 
     def combined_grad(self) -> Tensor:
         """The module's ``.grad`` in the block's layout (zeros where ``.grad`` is None)."""
@@ -196,7 +202,7 @@ class CurvatureBlock(ABC):
 
     # -- statistics of one mini-batch ---------------------------------------------------------
     def pass_context(self, inputs: Sequence[Tensor]) -> Any:
-        """What :meth:`pass_statistic` needs from the recorded inputs, computed once per pass (default none)."""
+        """What :meth:`pass_statistic` needs from the recorded inputs, computed once (default: nothing)."""
         return None
 
     @abstractmethod
@@ -211,7 +217,7 @@ class CurvatureBlock(ABC):
     def batch_estimate(
         self, inputs: Sequence[Tensor], pass_total: Tensor, *, chunk_size: int | None = None
     ) -> Estimate:
-        """The mini-batch estimate (one tensor per :attr:`factor_names`) from the inputs and the summed passes."""
+        """The mini-batch estimate, one tensor per :attr:`factor_names`, from inputs and summed passes."""
 
     # -- running factors (Algorithm 1 initialisation, Eqn 33) ---------------------------------
     def factors(self) -> Estimate | None:
@@ -271,7 +277,10 @@ class CurvatureBlock(ABC):
 
     # -- damped inverse and solve ---------------------------------------------------------------
     def prepare_inverse(self, totals: Sequence[float], compute_dtype: torch.dtype | None) -> Tensor:
-        """Start fitting the damped inverse for each ``lambda + gamma`` in ``totals`` (no sync); returns flags."""
+        """Start fitting the damped inverse for each ``lambda + gamma`` in ``totals``.
+
+        No host sync: returns the fits' success flags as a bool tensor, read later in one batch.
+        """
         return self.inverse.prepare(self.factors_or_zero(), totals, compute_dtype)
 
     def solve(self, grad: Tensor, index: int = 0) -> Tensor:
@@ -369,12 +378,12 @@ class KroneckerBlock(CurvatureBlock):
     @property
     def omega_dim(self) -> int:
         """``1 + J|Δ|`` with a bias, ``J|Δ|`` without (per group: ``J/g``)."""
-        return self.module.weight[0].numel() + int(self.has_bias)
+        return _weight(self.module)[0].numel() + int(self.has_bias)
 
     @property
     def gamma_dim(self) -> int:
         """``I``, the number of output channels / features (per group: ``I/g``)."""
-        return self.module.weight.shape[0] // self.groups
+        return _weight(self.module).shape[0] // self.groups
 
     @property
     def lead(self) -> tuple[int, ...]:
@@ -382,6 +391,7 @@ class KroneckerBlock(CurvatureBlock):
         return (self.groups,) if self.groups > 1 else ()
 
     def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``omega``/``gamma`` shapes: ``(g?, k, k)``, or ``(g?, k)`` for a diagonal factor."""
         o, g = self.omega_dim, self.gamma_dim
         return {
             "omega": (*self.lead, o) if self.omega_diagonal else (*self.lead, o, o),
@@ -390,6 +400,7 @@ class KroneckerBlock(CurvatureBlock):
 
     @property
     def layout_shape(self) -> tuple[int, ...]:
+        """``(g?, gamma_dim, omega_dim)``: ``[b | W]`` per group."""
         return (*self.lead, self.gamma_dim, self.omega_dim)
 
     # -- batch estimates (Eqn 32) -------------------------------------------------------------
@@ -435,7 +446,10 @@ class KroneckerBlock(CurvatureBlock):
     def batch_estimate(
         self, inputs: Sequence[Tensor], pass_total: Tensor, *, chunk_size: int | None = None
     ) -> Estimate:
-        """``(Omega_hat, Gamma_hat)``; for a shared layer ``Omega_hat = sum_u Omega_hat(use u)`` (positions pooled)."""
+        """``(Omega_hat, Gamma_hat)``.
+
+        A shared layer pools its uses' positions: ``Omega_hat = sum_u Omega_hat(use u)``.
+        """
         omega: Tensor | None = None
         for inp in inputs:
             part = self.batch_omega(inp, chunk_size=chunk_size)
@@ -445,7 +459,7 @@ class KroneckerBlock(CurvatureBlock):
 
     # -- gradients in the block's layout ---------------------------------------------------------
     def combine(self, weight_like: Tensor | None, bias_like: Tensor | None) -> Tensor:
-        """``[b | W.flatten(1)]`` from tensors shaped like the layer's weight and bias (per group for ``g > 1``)."""
+        """``[b | W.flatten(1)]`` from weight- and bias-shaped tensors (per group if ``g > 1``)."""
         assert weight_like is not None, (
             f"kfc: layer {self.name!r}: the weight is part of every Kronecker block"
         )
@@ -454,7 +468,7 @@ class KroneckerBlock(CurvatureBlock):
 
     def split(self, mat: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(dW, db)`` from a combined matrix (``db`` is None when the bias is absent or frozen)."""
-        weight: Tensor = self.module.weight
+        weight = _weight(self.module)
         flat = mat.reshape(weight.shape[0], -1)
         if not self.has_bias:
             return flat.reshape(weight.shape), None

@@ -1,8 +1,8 @@
-"""The Kronecker block of a convolution (``nn.Conv1d``, ``nn.Conv2d``): KFC (paper Sec. 3), or SUA (Theorem 4)."""
+"""The Kronecker block of a convolution (``nn.Conv1d``, ``nn.Conv2d``): KFC (Sec. 3), or SUA (Theorem 4)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,6 +67,7 @@ class ConvBlock(KroneckerBlock):
                 f"(got groups={module.groups}, padding_mode={module.padding_mode!r}); use approx='kfc'"
             )
         super().__init__(name, module, damping_mode, groups=module.groups, max_factor_dim=max_factor_dim)
+        self.conv = module
         self.pad_mode = _PAD_MODES.get(module.padding_mode)
         kernel, stride, dilation = self._as_2d(module.kernel_size, module.stride, module.dilation)
         self.kernel_size, self.stride, self.dilation = kernel, stride, dilation
@@ -95,12 +96,17 @@ class ConvBlock(KroneckerBlock):
         """The input as the layer convolves it: batched, padded in the layer's mode, as a 4-D image."""
         x = self._batched(inp)
         if self.pad_mode is not None:
-            x = F.pad(x, self.module._reversed_padding_repeated_twice, mode=self.pad_mode)
+            x = F.pad(x, self.conv._reversed_padding_repeated_twice, mode=self.pad_mode)
         return x.unsqueeze(2) if self.spatial_dims == 1 else x
 
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
+        """``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` (or the SUA model) of the input as the layer pads it.
+
+        Per group for ``g > 1``, the diagonal only above the size cap; an unbatched input is one
+        example; ``chunk_size`` bounds the examples expanded at once (KFC model only).
+        """
         x = self._image(inp)
-        geometry = dict(
+        geometry: dict[str, Any] = dict(
             stride=self.stride, padding=self.padding, dilation=self.dilation, homogeneous=self.has_bias
         )
         if self.omega_model is OmegaModel.SUA:
@@ -128,7 +134,10 @@ class Conv2dBlock(ConvBlock):
 
 
 class Conv1dBlock(ConvBlock):
-    """``nn.Conv1d``: the same patch machinery, as a Conv2d of height 1 (kernel ``(1, k)``); see :class:`ConvBlock`."""
+    """``nn.Conv1d``: the same patch machinery, as a Conv2d of height 1 (kernel ``(1, k)``).
+
+    See :class:`ConvBlock`.
+    """
 
     kind = "conv1d"
     spatial_dims = 1

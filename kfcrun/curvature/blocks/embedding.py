@@ -1,4 +1,4 @@
-"""The Kronecker block of ``nn.Embedding``: a Linear layer on one-hot inputs, with an exactly diagonal Omega."""
+"""The Kronecker block of ``nn.Embedding``: a Linear layer on one-hot inputs, so Omega is diagonal."""
 
 from __future__ import annotations
 
@@ -40,26 +40,28 @@ class EmbeddingBlock(KroneckerBlock):
         *,
         max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
     ) -> None:
+        self.embedding = module
         super().__init__(name, module, damping_mode, max_factor_dim=max_factor_dim, omega_diagonal=True)
 
     @property
     def omega_dim(self) -> int:
         """``V``, the number of embeddings."""
-        return int(self.module.num_embeddings)
+        return int(self.embedding.num_embeddings)
 
     @property
     def gamma_dim(self) -> int:
         """``D``, the embedding size."""
-        return int(self.module.embedding_dim)
+        return int(self.embedding.embedding_dim)
 
     def _batched(self, t: Tensor) -> Tensor:
         return t
 
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
+        """``diag(token counts) / M`` as a ``V``-vector (``padding_idx`` not counted)."""
         m = inp.shape[0] if inp.dim() > 1 else 1
-        dtype = torch.promote_types(self.module.weight.dtype, torch.float32)
+        dtype = torch.promote_types(self.embedding.weight.dtype, torch.float32)
         counts = torch.bincount(inp.reshape(-1), minlength=self.omega_dim).to(dtype)
-        padding_idx = self.module.padding_idx
+        padding_idx = self.embedding.padding_idx
         if padding_idx is not None:
             counts[padding_idx] = 0
         return counts / m

@@ -27,6 +27,7 @@ class LinearBlock(KroneckerBlock):
         return t.unsqueeze(0) if t.dim() == 1 else t
 
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
+        """``Psi_hat = (1/M) sum_rows a_bar a_bar^T`` of a ``(M, ..., in)`` input (``chunk_size`` unused)."""
         return kron_math.linear_omega(
             self._batched(inp), homogeneous=self.has_bias, diagonal=self.omega_diagonal
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,9 @@ __all__ = ["NORM_LAYER_TYPES", "NormBlock"]
 
 
 class NormBlock(CurvatureBlock):
-    """Scale ``gamma`` and shift ``beta`` of BatchNorm, GroupNorm, LayerNorm or RMSNorm: ``y = gamma x_hat + beta``.
+    """Scale ``gamma`` and shift ``beta`` of a normalization layer: ``y = gamma x_hat + beta``.
+
+    BatchNorm, GroupNorm, LayerNorm and RMSNorm.
 
     The layer's parameters have one entry per *unit* ``c`` (a channel for BatchNorm and
     GroupNorm; an entry of ``normalized_shape`` for LayerNorm and RMSNorm), ``P`` units in
@@ -55,7 +57,7 @@ class NormBlock(CurvatureBlock):
     def __init__(self, name: str, module: nn.Module) -> None:
         super().__init__(name, module)
         self.fisher: Tensor | None = None
-        ref = module.weight if module.weight is not None else module.bias
+        ref = cast(Tensor, module.weight if module.weight is not None else module.bias)
         self.unit_shape: tuple[int, ...] = tuple(ref.shape)
         self.units = ref.numel()
         self.dim = int(self.covers_weight) + int(self.covers_bias)
@@ -63,6 +65,7 @@ class NormBlock(CurvatureBlock):
         self.inverse = UnitwiseInverse(name, self.units, self.dim)
 
     def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``fisher``: ``(P, d, d)``, one ``d x d`` matrix per unit."""
         return {"fisher": (self.units, self.dim, self.dim)}
 
     @property
@@ -72,6 +75,7 @@ class NormBlock(CurvatureBlock):
 
     # -- layout -----------------------------------------------------------------------------
     def combine(self, weight_like: Tensor | None, bias_like: Tensor | None) -> Tensor:
+        """``(P, d)``: per unit, the scale entry then the shift entry (the trainable ones)."""
         cols = []
         if self.covers_weight:
             assert weight_like is not None
@@ -82,6 +86,7 @@ class NormBlock(CurvatureBlock):
         return torch.stack(cols, dim=-1)
 
     def split(self, mat: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``(scale-shaped, shift-shaped)`` from ``(P, d)``; ``None`` for a frozen or absent one."""
         col = 0
         scale = shift = None
         if self.covers_weight:
@@ -127,7 +132,7 @@ class NormBlock(CurvatureBlock):
         return [self._batched(self.normalized(inp)) for inp in inputs]
 
     def pass_statistic(self, inputs: Sequence[Tensor], derivatives: Sequence[Tensor], context: Any) -> Tensor:
-        """``(1/M) sum_n g_n g_n^T`` per unit, ``g_n`` summed over positions and uses (see the class docstring)."""
+        """``(1/M) sum_n g_n g_n^T`` per unit, ``g_n`` summed over positions and uses (class docstring)."""
         d_scale: Tensor | None = None
         d_shift: Tensor | None = None
         for x_hat, ds in zip(context, derivatives, strict=True):
