@@ -6,6 +6,11 @@ Knows nothing about learning rates, momentum, the runner or the data. Convention
 positions, divided by M), ``Gamma_hat = 1/(M|T|) DS^T DS``, Fisher block ``Omega ⊗ Gamma``
 with column-stacking vec.
 
+Symbols (the paper's): ``Omega``/``Psi`` and ``Gamma`` are the Kronecker factors (in code
+``omega``, ``gamma``: always the factors); ``γ`` is the damping (in code ``damping``), ``λ``
+the weight decay (``weight_decay``, per layer ``lams``), ``ξ`` the factors' running-average
+decay (``stat_decay``; the optimizers' iterate average uses ``ξ_avg``, ``avg_decay``).
+
 Layout: :mod:`.kron_math` (pure tensor math), :mod:`.coverage` (which layers,
 :func:`kfc_layers`), :mod:`.capture` and :mod:`.derivatives` (one recorded pass and the
 output derivatives ``DS``), :mod:`.likelihoods` (output distributions), :mod:`.fisher`

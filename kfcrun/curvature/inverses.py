@@ -1,11 +1,11 @@
 """Damping strategies: how a Kronecker block's damped inverse is fitted and applied.
 
 A block's Fisher approximation is ``Omega ⊗ Gamma`` (Eqn 25); what an optimizer needs
-is the solve ``(Omega ⊗ Gamma + (lambda + gamma) I)^{-1} vec(G)``, approximately or
+is the solve ``(Omega ⊗ Gamma + (λ + γ) I)^{-1} vec(G)``, approximately or
 exactly. Each strategy owns the tensors of its solve and has three operations:
 
 * :meth:`DampedInverse.prepare` - the sync-free part of the fit (no host reads), from
-  the factors and one or more damping totals ``lambda + gamma``; returns a 1-d bool
+  the factors and one or more damping totals ``λ + γ``; returns a 1-d bool
   tensor of success flags. The manager stacks every block's flags and reads them in
   ONE host sync per inverse update;
 * :meth:`DampedInverse.commit` - given the flags as Python bools, install the result,
@@ -13,7 +13,7 @@ exactly. Each strategy owns the tensors of its solve and has three operations:
 * :meth:`DampedInverse.apply` - the solve for damping candidate ``index``.
 
 Several damping totals can be fitted from the same factors at once (K-FAC compares
-``gamma_-, gamma, gamma_+``): the eigen strategy decomposes once and applies any total;
+``γ₋, γ, γ₊``): the eigen strategy decomposes once and applies any total;
 the pi strategy needs one Cholesky pair per total and shares the symmetrised factors
 and ``pi``. Only candidate 0 is kept in :meth:`~DampedInverse.state_dict`: the others
 are used within the step that fitted them.
@@ -40,7 +40,7 @@ stored as its diagonal (above a size cap; see :mod:`kfcrun.curvature.blocks`).
 
 :class:`UnitwiseInverse` is the strategy of blocks that are many tiny independent
 matrices (a normalization layer's per-channel ``2 x 2`` scale/shift Fisher): exact
-damping ``(F_c + (lambda + gamma) I)^{-1}`` for each unit, whatever the damping mode,
+damping ``(F_c + (λ + γ) I)^{-1}`` for each unit, whatever the damping mode,
 because the blocks are small enough to damp exactly.
 
 Adding a damping mode: subclass :class:`KroneckerInverse`, implement the three operations
@@ -83,12 +83,12 @@ class DampedInverse(ABC):
 
     #: Keys of :meth:`state_dict`, each a tensor or ``None``.
     state_keys: ClassVar[tuple[str, ...]]
-    #: The strategy needs ``lambda + gamma > 0`` (else ``>= 0``).
+    #: The strategy needs ``λ + γ > 0`` (else ``>= 0``).
     needs_positive_total: ClassVar[bool] = False
 
     def __init__(self, name: str) -> None:
         self.name = name
-        #: ``lambda + gamma`` of candidate 0 as a 0-d tensor in the stored dtype.
+        #: ``λ + γ`` of candidate 0 as a 0-d tensor in the stored dtype.
         self.damping_total: Tensor | None = None
 
     @property
@@ -100,7 +100,7 @@ class DampedInverse(ABC):
     def prepare(
         self, factors: Sequence[Tensor], totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
-        """Start a fit from the block's factors for the damping totals ``lambda + gamma``.
+        """Start a fit from the block's factors for the damping totals ``λ + γ``.
 
         Returns 1-d bool success flags, without a host sync.
         """
@@ -142,7 +142,7 @@ class DampedInverse(ABC):
         if self.ready:
             warn(f"kfc: layer {self.name!r}: {why}; keeping the previous inverse")
             return
-        warn(f"kfc: layer {self.name!r}: {why}; no previous inverse, using identity / (lam+gamma)")
+        warn(f"kfc: layer {self.name!r}: {why}; no previous inverse, using identity / (λ + γ)")
         self._install_identity(total, store, device)
         self.damping_total = torch.tensor(total, dtype=store, device=device)
 
@@ -548,11 +548,11 @@ class _UnitPending:
 
 
 class UnitwiseInverse(DampedInverse):
-    """Exact damping of ``P`` independent ``d x d`` blocks: ``(F_p + (lambda + gamma) I)^{-1}``.
+    """Exact damping of ``P`` independent ``d x d`` blocks: ``(F_p + (λ + γ) I)^{-1}``.
 
     The factor is one tensor ``(P, d, d)`` (``d <= 2`` for a normalization layer's scale
     and shift of one channel). Inverted by batched Cholesky; a failure (only possible
-    with ``lambda + gamma = 0``) takes a batched eigendecomposition with eigenvalues
+    with ``λ + γ = 0``) takes a batched eigendecomposition with eigenvalues
     clamped from below. The solve multiplies each unit's ``d``-vector by its inverse.
     """
 

@@ -30,10 +30,10 @@ parameters take the optimizer's plain step.
 Damping (``lam`` = weight decay of the layer, ``gamma`` = damping), by
 :class:`~kfcrun.curvature.vocabulary.DampingMode`:
 
-* ``"pi"`` (Eqn 28): ``(Omega + pi sqrt(lam+gamma) I) ⊗ (Gamma + sqrt(lam+gamma)/pi I)``,
+* ``"pi"`` (Eqn 28): ``(Omega + pi sqrt(λ + γ) I) ⊗ (Gamma + sqrt(λ + γ)/pi I)``,
   ``pi`` the trace-norm ratio (Eqn 10); result ``Gamma_d^{-1} G Omega_d^{-1}`` (Eqn 29).
-* ``"exact"`` (Eqns 39-44): ``(Omega ⊗ Gamma + (lam+gamma) I)^{-1} vec(G)`` through
-  the eigendecompositions of both factors (needs ``lam + gamma > 0``).
+* ``"exact"`` (Eqns 39-44): ``(Omega ⊗ Gamma + (λ + γ) I)^{-1} vec(G)`` through
+  the eigendecompositions of both factors (needs ``λ + γ > 0``).
 
 Several damping values may be fitted at once (``update_inverses([g0, g1, g2], lam)``)
 and solved with ``precondition(grads, index=i)``.
@@ -298,7 +298,7 @@ class KFCCurvature:
     ) -> InverseUpdate:
         """Refit every block's damped inverse from the current factors.
 
-        ``damping`` is ``gamma``, or several values to fit at once (candidate ``i`` is
+        ``damping`` is ``γ``, or several values to fit at once (candidate ``i`` is
         solved by ``precondition(..., index=i)``); ``weight_decay`` is ``lam``, one float
         for all blocks or a ``{name: lam}`` dict (blocks it leaves out get 0, e.g. the
         normalization layers, which carry no weight decay). Reads every block's success
@@ -313,10 +313,13 @@ class KFCCurvature:
         for name, block in self.blocks.items():
             for total in totals[name]:
                 if not math.isfinite(total) or total < 0:
-                    raise ValueError(f"lam + gamma must be finite and >= 0, got {total} for layer {name!r}")
+                    raise ValueError(
+                        f"weight decay + damping (λ + γ) must be finite and >= 0, "
+                        f"got {total} for layer {name!r}"
+                    )
                 if block.inverse.needs_positive_total and total <= 0:
                     raise ValueError(
-                        f"damping_mode={self.damping_mode.value!r} needs lam + gamma > 0, "
+                        f"damping_mode={self.damping_mode.value!r} needs weight decay + damping (λ + γ) > 0, "
                         f"got {total} for layer {name!r}"
                     )
         pending = {
@@ -339,8 +342,8 @@ class KFCCurvature:
 
         ``grads[name]`` has shape ``blocks[name].layout_shape`` (``I x omega_dim`` for a
         Kronecker block). Pi mode: ``Gamma_d^{-1} G Omega_d^{-1}`` (Eqn 29); exact mode:
-        ``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + lam + gamma)] Q_O^T`` (Eqns 42-44); a
-        normalization block: ``(F_c + (lam + gamma) I)^{-1} g_c`` per channel. ``index``
+        ``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + λ + γ)] Q_O^T`` (Eqns 42-44); a
+        normalization block: ``(F_c + (λ + γ) I)^{-1} g_c`` per channel. ``index``
         picks the damping candidate of the last ``update_inverses``. Returns tensors of
         the same shape and dtype as the inputs.
         """

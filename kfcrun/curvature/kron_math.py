@@ -426,13 +426,13 @@ def damped_factors(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Factored Tikhonov damping, Eqn 28.
 
-    ``Omega_d = Omega + pi sqrt(lam+gamma) I`` and ``Gamma_d = Gamma + (1/pi) sqrt(lam+gamma) I``
-    with ``damping_total = lam + gamma`` (weight decay plus damping) and ``pi`` from
+    ``Omega_d = Omega + pi sqrt(λ + γ) I`` and ``Gamma_d = Gamma + (1/pi) sqrt(λ + γ) I``
+    with ``damping_total = λ + γ`` (weight decay plus damping) and ``pi`` from
     :func:`pi_trace_norm`, one ``pi`` per block of a batch. Full factors are symmetrised
     first. Returns ``(Omega_d, Gamma_d, pi)``.
     """
     if damping_total < 0 or not math.isfinite(damping_total):
-        raise ValueError(f"lam + gamma must be finite and >= 0, got {damping_total}")
+        raise ValueError(f"weight decay + damping (λ + γ) must be finite and >= 0, got {damping_total}")
     omega_s = omega.clone() if omega_diagonal else symmetrize(omega)
     gamma_s = gamma.clone() if gamma_diagonal else symmetrize(gamma)
     pi = pi_trace_norm(omega_s, gamma_s, omega_diagonal=omega_diagonal, gamma_diagonal=gamma_diagonal)
@@ -524,8 +524,8 @@ def eigh_psd(mat: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor | None
     """``(d, Q)`` with ``mat = Q diag(d) Q^T`` for the symmetrised ``mat``, ``d`` clamped to ``>= 0``.
 
     Factors are PSD in exact arithmetic (Sec. 3.1); tiny negative eigenvalues are
-    rounding error and would make ``d_G d_O^T + lam + gamma`` smaller than
-    ``lam + gamma`` in Eqn 43. Batches ``(g, k, k)`` are decomposed per block. A diagonal
+    rounding error and would make ``d_G d_O^T + λ + γ`` smaller than
+    ``λ + γ`` in Eqn 43. Batches ``(g, k, k)`` are decomposed per block. A diagonal
     factor is its own eigendecomposition: ``(d clamped, None)`` (``Q = I``).
     """
     if diagonal:
@@ -564,11 +564,11 @@ def kron_solve_eigen(
     d_omega: Tensor,
     damping_total: Tensor | float,
 ) -> Tensor:
-    """``(Omega ⊗ Gamma + (lam+gamma) I)^{-1} vec(G)``, exact damping (Eqns 39-44).
+    """``(Omega ⊗ Gamma + (λ + γ) I)^{-1} vec(G)``, exact damping (Eqns 39-44).
 
-    ``V1 = Q_G^T G Q_O`` (42), ``V2 = V1 / (d_G d_O^T + lam + gamma)`` (43, with the
+    ``V1 = Q_G^T G Q_O`` (42), ``V2 = V1 / (d_G d_O^T + λ + γ)`` (43, with the
     weight decay added to the paper's ``gamma`` so the target is Eqn 9's
-    ``F + (lam+gamma) I``), result ``Q_G V2 Q_O^T`` (44). ``Q = None`` stands for the
+    ``F + (λ + γ) I``), result ``Q_G V2 Q_O^T`` (44). ``Q = None`` stands for the
     identity (a diagonal factor); leading batch dims are independent blocks.
     """
     v1 = grad if q_gamma is None else q_gamma.mT @ grad

@@ -11,7 +11,7 @@ Each iteration ``k`` (counting from 1), as named phases of :meth:`KFCPre.step`:
    fraction of the mini-batch (forward-mode JVP, :mod:`kfcrun.optim.fisher_vector`);
    if ``nu > C``: ``v <- v / sqrt(nu / C)`` (``C = 0.3``);
 4. ``_apply_momentum``: ``p <- mu p + v``; ``theta <- theta + p``;
-5. averaging: ``theta_avg <- xi theta_avg + (1 - xi) theta`` (shared with SGD,
+5. averaging: ``theta_avg <- xi_avg theta_avg + (1 - xi_avg) theta`` (shared with SGD,
    :mod:`~kfcrun.optim.averaging`).
 
 Before the first step the factors are estimated on a large training subset
@@ -97,8 +97,8 @@ class KFCPre(torch.optim.Optimizer):
         weight_decay: ``lambda`` of the L2 term ``lambda/2 |W|^2`` for the covered layers' weights.
         layer_weight_decay: per-layer ``lambda`` by layer name (overrides ``weight_decay``).
         decay_biases: include biases in the L2 term (cuda-convnet does not).
-        damping: ``gamma`` (paper: 1e-3). The damping is ``sqrt(lambda + gamma)`` per factor
-            (Eqn 28) or ``lambda + gamma`` on the whole block (``damping_mode="exact"``).
+        damping: ``γ`` (paper: 1e-3). The damping is ``sqrt(λ + γ)`` per factor
+            (Eqn 28) or ``λ + γ`` on the whole block (``damping_mode="exact"``).
         damping_mode: ``"pi"`` (Eqn 28) or ``"exact"`` (Eqns 39-44).
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
         stats_every: ``T_s``, iterations between statistics updates.
@@ -248,7 +248,7 @@ class KFCPre(torch.optim.Optimizer):
 
     @property
     def block_weight_decays(self) -> dict[str, float]:
-        """``lambda`` of each block's damping ``lambda + gamma`` (0 for normalization blocks)."""
+        """``lambda`` of each block's damping ``λ + γ`` (0 for normalization blocks)."""
         return {name: self.lambdas.get(name, 0.0) for name in self.blocks}
 
     @property

@@ -20,7 +20,7 @@ adaptive optimizer (Adam) the real step is not ``lr * grad``, so there it bounds
 
 Weight decay belongs to the optimizer: with ``AdamW`` it is decoupled and untouched; with
 ``SGD(weight_decay=...)`` the L2 gradient is added after the preconditioning (KFC-pre's
-``(F + (lambda + gamma) I)^{-1}(grad + lambda theta)`` is :class:`~kfcrun.optim.KFCPre`).
+``(F + (λ + γ) I)^{-1}(grad + lambda theta)`` is :class:`~kfcrun.optim.KFCPre`).
 
 Gradient accumulation: run ``backward`` on every micro-batch, then one ``step()``; the
 statistics cover every micro-batch (see :mod:`kfcrun.optim.curvature_steps`).
@@ -77,7 +77,7 @@ class KFCPreconditioner:
 
     Args:
         model: the network; the modules :func:`~kfcrun.curvature.kfc_layers` covers get blocks.
-        damping: ``gamma``, added to each block's curvature (``lambda = 0``: weight decay is
+        damping: ``γ``, added to each block's curvature (``λ = 0``: weight decay is
             the optimizer's).
         damping_mode: ``"pi"`` (factored, Eqn 28) or ``"exact"`` (Eqns 39-44).
         stat_decay: ``xi`` of the factors' running averages (Eqn 33).

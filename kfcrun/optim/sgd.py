@@ -28,7 +28,7 @@ class SGD(torch.optim.SGD):
         lr: learning rate ``alpha`` on the gradient of the MEAN mini-batch loss.
         momentum: ``mu`` (paper: 0.9).
         weight_decay: default ``lambda`` for groups that do not set their own.
-        avg_decay: per-iteration EMA factor ``xi`` (see
+        avg_decay: per-iteration EMA factor ``xi_avg`` of the iterates (see
             :func:`kfcrun.optim.averaging.averaging_decay`); ``None`` disables averaging.
         avg_mode: ``"paper"`` or ``"debiased"``; ``avg_start``: see
             :class:`~kfcrun.optim.averaging.IterateAveraging`.

@@ -273,7 +273,7 @@ def test_misuse_raises_clear_errors() -> None:
     with pytest.raises(KeyError, match="nope"):
         curv.precondition({"nope": torch.zeros(3, 3)})
     _, exact = _ready("exact")
-    with pytest.raises(ValueError, match="lam \\+ gamma > 0"):
+    with pytest.raises(ValueError, match="damping \\(λ \\+ γ\\) > 0"):
         exact.update_inverses(0.0, 0.0)
     with pytest.raises(ValueError, match="damping_mode"):
         KFCCurvature(net, damping_mode="kfac")

@@ -277,7 +277,7 @@ class CurvatureBlock(ABC):
 
     # -- damped inverse and solve ---------------------------------------------------------------
     def prepare_inverse(self, totals: Sequence[float], compute_dtype: torch.dtype | None) -> Tensor:
-        """Start fitting the damped inverse for each ``lambda + gamma`` in ``totals``.
+        """Start fitting the damped inverse for each ``λ + γ`` in ``totals``.
 
         No host sync: returns the fits' success flags as a bool tensor, read later in one batch.
         """

@@ -41,7 +41,7 @@ class NormBlock(CurvatureBlock):
     correlations between different units dropped (as KFC drops them between layers).
     It is exact when those vanish, e.g. when each output entry carries an independent
     Gaussian likelihood directly after the layer. Damping is exact for these tiny blocks,
-    ``(F_c + (lambda + gamma) I)^{-1}``, in either damping mode
+    ``(F_c + (λ + γ) I)^{-1}``, in either damping mode
     (:class:`~kfcrun.curvature.inverses.UnitwiseInverse`).
 
     ``x_hat`` is recomputed from the recorded input with the layer's own normalization
