@@ -14,6 +14,7 @@ from tests.helpers.configs import EXPERIMENTS
 
 def test_experiment_list_is_what_the_issues_ask_for():
     assert {"smoke", "cifar10_sgd", "svhn_sgd", "cifar10_bn_sgd"} <= set(EXPERIMENTS)
+    assert {"cifar10_resnet18_sgd", "cifar10_resnet18_kfc"} <= set(EXPERIMENTS)  # issue 11
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

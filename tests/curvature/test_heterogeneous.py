@@ -235,3 +235,37 @@ def test_wrapped_models_have_canonical_names() -> None:
 
     assert list(kfc_layers(Wrapper())) == ["0", "1"]
     assert uncovered_modules(Wrapper()) == {}
+
+
+def test_state_saved_from_a_wrapped_model_loads_into_the_bare_model() -> None:
+    """Names ignore ``module.`` (DistributedDataParallel) and ``_orig_mod.`` (torch.compile)."""
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._orig_mod(x)
+
+    class Parallel(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.module(x)
+
+    net = mixed()
+    wrapped = Parallel(Wrapped(net))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KFCCurvatureWarning)
+        curv = KFCCurvature(wrapped, fisher_type="empirical", skip_layers=["bn"], max_factor_dim=12)
+    assert "bn" not in curv.blocks and list(curv.blocks)[0] == "conv"
+    ((x, y),) = batches(1)
+    curv.update_statistics(x, y)
+    curv.update_inverses(1e-2, 0.0)
+    bare = KFCCurvature(net, fisher_type="empirical", skip_layers=["bn"], max_factor_dim=12)
+    bare.load_state_dict(curv.state_dict())
+    for name in curv.blocks:
+        assert torch.equal(curv.blocks[name].factors()[0], bare.blocks[name].factors()[0]), name
