@@ -13,7 +13,11 @@ Covered (:func:`covered_parameter_names`):
 * BatchNorm (1d/2d/3d), GroupNorm, LayerNorm, RMSNorm: the trainable ones of their scale
   (``weight``) and shift (``bias``);
 * frozen parameters are never covered; a module whose covered parameters are all frozen
-  is not covered; ``skip_layers`` removes modules by name or pattern (:func:`layer_matches`).
+  is not covered; ``skip_layers`` removes modules by name or pattern (:func:`layer_matches`);
+* a parameter shared by two modules (tied weights, e.g. an embedding and a language-model
+  head) is not covered by either: one parameter cannot have two Fisher blocks. Both modules
+  are then left to the plain step (and named by :func:`uncovered_modules`). A module that
+  runs several times (one module object) is covered; see :mod:`kfcrun.curvature.blocks`.
 
 Layer names are the qualified names of ``model.named_modules()`` with the prefixes
 that wrappers insert removed (:func:`canonical_name`): ``DistributedDataParallel``
@@ -102,30 +106,41 @@ def kfc_layers(model: nn.Module, skip_layers: Iterable[str] = ()) -> dict[str, n
     """Every module KFC covers, by canonical name, in ``named_modules`` order.
 
     ``skip_layers`` (names or patterns, see :func:`layer_matches`) leaves modules out:
-    they then take the optimizer's plain step.
+    they then take the optimizer's plain step, as do modules whose parameters are tied
+    to another module's.
     """
     skip = list(skip_layers)
-    out: dict[str, nn.Module] = {}
+    candidates: dict[str, nn.Module] = {}
+    owners: dict[int, int] = {}  # id(parameter) -> number of candidate modules covering it
     for raw, module in model.named_modules():
         name = canonical_name(raw)
-        if covered_parameter_names(module) and not layer_matches(name, skip):
-            out[name] = module
-    return out
+        names = covered_parameter_names(module)
+        if names and not layer_matches(name, skip):
+            candidates[name] = module
+            for pname in names:
+                pid = id(getattr(module, pname))
+                owners[pid] = owners.get(pid, 0) + 1
+    return {
+        name: module
+        for name, module in candidates.items()
+        if all(owners[id(getattr(module, p))] == 1 for p in covered_parameter_names(module))
+    }
 
 
 def uncovered_modules(model: nn.Module, skip_layers: Iterable[str] = ()) -> dict[str, list[str]]:
     """``{module name: [trainable parameter names no block covers]}``, leaving out ``skip_layers``.
 
     These parameters take the optimizer's plain step. The root module's own parameters
-    are listed under ``""``.
+    are listed under ``""``; a tied parameter is listed under each module that holds it.
     """
     skip = list(skip_layers)
+    covered_modules = kfc_layers(model, skip)
     out: dict[str, list[str]] = {}
     for raw, module in model.named_modules():
         name = canonical_name(raw)
         if layer_matches(name, skip):
             continue
-        covered = set(covered_parameter_names(module))
+        covered = set(covered_parameter_names(module)) if covered_modules.get(name) is module else set()
         missing = [
             pname
             for pname, p in module.named_parameters(recurse=False)

@@ -269,3 +269,26 @@ def test_state_saved_from_a_wrapped_model_loads_into_the_bare_model() -> None:
     bare.load_state_dict(curv.state_dict())
     for name in curv.blocks:
         assert torch.equal(curv.blocks[name].factors()[0], bare.blocks[name].factors()[0]), name
+
+
+def test_tied_weights_are_left_to_the_plain_step_with_one_warning() -> None:
+    """An embedding and a language-model head sharing one weight: neither gets a block."""
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(11, 4)
+            self.norm = nn.LayerNorm(4)
+            self.head = nn.Linear(4, 11, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.embed(tokens)))
+
+    model = TiedLM()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        curv = KFCCurvature(model, likelihood="cross_entropy")
+    assert list(curv.blocks) == ["norm"]
+    assert curv.uncovered == {"embed": ["weight"], "head": ["weight"]}
+    assert sum(issubclass(w.category, KFCCurvatureWarning) for w in caught) == 1
