@@ -140,7 +140,9 @@ def uncovered_modules(model: nn.Module, skip_layers: Iterable[str] = ()) -> dict
         name = canonical_name(raw)
         if layer_matches(name, skip):
             continue
-        covered = set(covered_parameter_names(module)) if covered_modules.get(name) is module else set()
+        covered: set[str] = set()
+        if covered_modules.get(name) is module:
+            covered = set(covered_parameter_names(module))
         missing = [
             pname
             for pname, p in module.named_parameters(recurse=False)

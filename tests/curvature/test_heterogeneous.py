@@ -261,7 +261,7 @@ def test_state_saved_from_a_wrapped_model_loads_into_the_bare_model() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", KFCCurvatureWarning)
         curv = KFCCurvature(wrapped, fisher_type="empirical", skip_layers=["bn"], max_factor_dim=12)
-    assert "bn" not in curv.blocks and list(curv.blocks)[0] == "conv"
+    assert "bn" not in curv.blocks and next(iter(curv.blocks)) == "conv"
     ((x, y),) = batches(1)
     curv.update_statistics(x, y)
     curv.update_inverses(1e-2, 0.0)
