@@ -140,9 +140,10 @@ def uncovered_modules(model: nn.Module, skip_layers: Iterable[str] = ()) -> dict
         name = canonical_name(raw)
         if layer_matches(name, skip):
             continue
+        block_module = covered_modules.get(name)
         covered: set[str] = set()
-        if covered_modules.get(name) is module:
-            covered = set(covered_parameter_names(module))
+        if block_module is not None and block_module is module:
+            covered = set(covered_parameter_names(block_module))
         missing = [
             pname
             for pname, p in module.named_parameters(recurse=False)
