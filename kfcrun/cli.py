@@ -282,17 +282,29 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def _validate_layer_names(cfg: DictConfig) -> None:
-    """``optimizer.layer_weight_decay`` must name layers of the chosen network."""
-    if not cfg.optimizer.layer_weight_decay:
+    """``optimizer.layer_weight_decay`` and ``optimizer.skip_layers`` must name layers of the network."""
+    decays = cfg.optimizer.get("layer_weight_decay")
+    skip = list(cfg.optimizer.get("skip_layers") or [])
+    if not decays and not skip:
         return
     import torch
 
     from kfcrun.builders import build_model
+    from kfcrun.curvature.coverage import canonical_name, unmatched_patterns
     from kfcrun.optim.param_groups import layer_weight_decays
 
     with torch.device("meta"):
         model = build_model(cfg.model, cfg.dataset)
-    layer_weight_decays(model, 0.0, dict(cfg.optimizer.layer_weight_decay))
+    if decays:
+        layer_weight_decays(model, 0.0, dict(decays))
+    unknown = unmatched_patterns(model, skip)
+    if unknown:
+        names = [canonical_name(n) for n, m in model.named_modules() if n and not list(m.children())]
+        raise ConfigError(
+            f"config error: optimizer.skip_layers entries {unknown} name no module of {cfg.model.name}; "
+            f"allowed: module names or patterns such as {', '.join(names[:3])}, 'layer4.*'; "
+            "fix: correct them or remove them"
+        )
 
 
 def _explain_hydra_error(err: Exception, overrides: list[str]) -> ConfigError:

@@ -51,6 +51,7 @@ from kfcrun.errors import CheckpointError, ConfigError, TrainingDivergedError
 from kfcrun.evaluate import evaluate
 from kfcrun.logging import MetricsLogger, read_metrics, run_record, truncate_metrics, write_json
 from kfcrun.optim.constraints import apply_max_norm
+from kfcrun.optim.lr_schedule import apply_lr_factor, lr_factor
 from kfcrun.optim.protocol import TrainingOptimizer
 from kfcrun.resume import config_file, config_text, write_config
 from kfcrun.settings import LoggerSettings, TrainerSettings, from_section
@@ -188,9 +189,13 @@ class Trainer:
         )
         subset = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.seed))
         subset = subset[: settings.train_eval_size]
+        test = torch.arange(len(data.test_images))
+        if settings.test_eval_size is not None:  # a fixed random subset, for CPU-sized runs
+            test = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed + 2))
+            test = test[: settings.test_eval_size]
         self.eval_sets = {
             "train": (data.train_images[subset].to(device), data.train_labels[subset].to(device)),
-            "test": (data.test_images.to(device), data.test_labels.to(device)),
+            "test": (data.test_images[test].to(device), data.test_labels[test].to(device)),
         }
         epoch = self.batches.batches_per_epoch
         self.max_iters = total_iterations(cfg, epoch)
@@ -201,10 +206,17 @@ class Trainer:
             else settings.iterations(settings.checkpoint_every, epoch)
         )
 
+        self.augment = dataset_config(cfg).augmentation(cfg.seed)
         self.model = build_model(cfg.model, cfg.dataset).to(device)
         self.optimizer: TrainingOptimizer = build_optimizer(
             cfg.optimizer, self.model, settings.batch_size, seed=cfg.seed
         )
+        if settings.lr_schedule != "constant" and not getattr(self.optimizer, "supports_lr_schedule", True):
+            raise ConfigError(
+                f"config error: trainer.lr_schedule={settings.lr_schedule} but optimizer "
+                f"{cfg.optimizer.name} adapts its own step size; allowed: constant; "
+                "fix: trainer.lr_schedule=constant"
+            )
 
     # -- phase 2: resume, or start fresh --------------------------------------------------------
     def restore_or_start(self) -> None:
@@ -329,12 +341,13 @@ class Trainer:
             desc=self.cfg.name,
         )
         try:
-            while self.iteration < self.max_iters:
+            while self.iteration < self.max_iters and not self.out_of_time():
                 loss = self.train_step()
                 recent_losses.append(loss)
-                eval_due = self.iteration % self.eval_every == 0 or self.iteration == self.max_iters
+                last = self.iteration == self.max_iters or self.out_of_time()
+                eval_due = self.iteration % self.eval_every == 0 or last
                 ckpt_due = self.checkpoint_every is not None and (
-                    self.iteration % self.checkpoint_every == 0 or self.iteration == self.max_iters
+                    self.iteration % self.checkpoint_every == 0 or last
                 )
                 if self.iteration % self.settings.log_every == 0 or eval_due or ckpt_due:
                     self.log_steps(torch.stack(recent_losses), bar, final=self.iteration == self.max_iters)
@@ -353,10 +366,27 @@ class Trainer:
             self.logger.close()
         return self.last_row
 
+    def out_of_time(self) -> bool:
+        """Whether ``trainer.max_train_seconds`` of training time are used up (a time budget)."""
+        budget = self.settings.max_train_seconds
+        return budget is not None and self.clock.total_s >= budget
+
     def train_step(self) -> torch.Tensor:
         """One timed update; returns the mini-batch loss (on the device, no sync)."""
         images, labels = next(self.batches)
+        if self.augment is not None:  # a pure function of (seed, iteration): resumes bitwise
+            images = self.augment(images, self.iteration + 1)
         inputs = self.preprocess(images)  # data preparation stays off the training clock
+        settings = self.settings
+        if settings.lr_schedule != "constant":
+            factor = lr_factor(
+                settings.lr_schedule,
+                self.iteration + 1,
+                self.max_iters,
+                settings.lr_milestones,
+                settings.lr_decay,
+            )
+            apply_lr_factor(self.optimizer, factor)  # type: ignore[arg-type]
         self.clock.start()
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(inputs), labels)

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Step-time benchmark: SGD vs KFC-pre on the cuda-convnet CIFAR-10 network.
+"""Step-time benchmark: SGD vs KFC-pre on a CIFAR-10 network (the paper's cuda-convnet, or ResNet-18).
 
 For each batch size, in the same process and on the same device:
 
 * the median time of an SGD step (forward, backward, update, averaging);
-* KFC-pre at the configured ``T_s``/``T_f`` (defaults: those of ``experiment=cifar10_kfc``):
+* KFC-pre at the configured ``T_s``/``T_f`` (defaults: those of the model's KFC experiment,
+  ``cifar10_kfc`` or ``cifar10_resnet18_kfc``):
   the median step, the AMORTIZED step (mean over whole ``lcm(T_s, T_f)`` cycles, which
   is what an epoch costs), and the seconds per step spent in each phase (statistics,
   inverses, preconditioning, ``nu``);
@@ -12,11 +13,14 @@ For each batch size, in the same process and on the same device:
   the process's peak resident set over the model-only baseline, measured in a fresh
   subprocess per configuration).
 
-Inputs are random tensors with the scale of mean-subtracted CIFAR-10 pixels on the
-0-255 scale (std ~60); the timings do not depend on the values. Example::
+The network, the optimizers' settings and the data scale come from the model's two
+experiments (:data:`EXPERIMENTS`). Inputs are random tensors with the scale of the
+experiment's preprocessed pixels (cuda-convnet: mean-subtracted on the 0-255 scale, std
+~60; ResNet-18: standardized, std 1); the timings do not depend on the values. Example::
 
     python scripts/bench_step.py                       # batch 128 and 512, CPU or CUDA
     python scripts/bench_step.py --batch-sizes 512 --stats-fraction 0.5
+    python scripts/bench_step.py --model resnet18 --batch-sizes 128 --cycles 1
 """
 
 from __future__ import annotations
@@ -37,20 +41,27 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from kfcrun.builders import build_optimizer
+from kfcrun.builders import build_model, build_optimizer
 from kfcrun.cli import compose_run_config
-from kfcrun.models import build_model
 from kfcrun.optim import KFCPre
 
 PHASES = ("statistics", "inverses", "precondition", "nu")
 #: KFC-pre settings that set its cost (App. A.3), overridable from the command line.
 KFC_KNOBS = ("stats_every", "inverse_every", "stats_fraction", "nu_fraction", "clip")
+#: model -> (SGD experiment, KFC-pre experiment) whose settings are benchmarked.
+EXPERIMENTS = {
+    "cuda_convnet": ("cifar10_sgd", "cifar10_kfc"),
+    "resnet18": ("cifar10_resnet18_sgd", "cifar10_resnet18_kfc"),
+}
+#: Std of the preprocessed pixels each model's experiments feed it.
+INPUT_STD = {"cuda_convnet": 60.0, "resnet18": 1.0}
 
 
 def run_config(optimizer: str, batch: int, opts: dict[str, Any]) -> DictConfig:
-    """The experiment's own config (cifar10_sgd or cifar10_kfc) at this batch size, with the cost knobs."""
+    """The model's experiment (SGD or KFC-pre) at this batch size, with the cost knobs."""
+    sgd_experiment, kfc_experiment = EXPERIMENTS[opts["model"]]
     overrides = [
-        f"experiment={'cifar10_sgd' if optimizer == 'sgd' else 'cifar10_kfc'}",
+        f"experiment={sgd_experiment if optimizer == 'sgd' else kfc_experiment}",
         f"trainer.batch_size={batch}",
     ]
     if optimizer == "kfc_pre":
@@ -69,11 +80,12 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
     torch.manual_seed(0)
     if opts.get("threads"):
         torch.set_num_threads(opts["threads"])
-    model = build_model("cuda_convnet").to(device)
+    cfg = run_config(name, batch, opts)
+    model = build_model(cfg.model, cfg.dataset).to(device)
     g = torch.Generator().manual_seed(0)
     data = [
         (
-            torch.randn(batch, 3, 32, 32, generator=g).mul_(60).to(device),
+            torch.randn(batch, 3, 32, 32, generator=g).mul_(INPUT_STD[opts["model"]]).to(device),
             torch.randint(0, 10, (batch,), generator=g).to(device),
         )
         for _ in range(4)
@@ -82,7 +94,7 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    opt = build_optimizer(run_config(name, batch, opts).optimizer, model, batch)
+    opt = build_optimizer(cfg.optimizer, model, batch)
     if isinstance(opt, KFCPre):
         opt.initialize([data[0][0]])
 
@@ -134,8 +146,10 @@ def run_isolated(*args: Any) -> dict:
 
 
 def main() -> None:
-    defaults = compose_run_config(["experiment=cifar10_kfc"]).optimizer
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(EXPERIMENTS), default="cuda_convnet")
+    known, _ = parser.parse_known_args()
+    defaults = compose_run_config([f"experiment={EXPERIMENTS[known.model][1]}"]).optimizer
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -152,6 +166,7 @@ def main() -> None:
     args = parser.parse_args()
 
     opts = {
+        "model": args.model,
         "stats_every": args.stats_every,
         "inverse_every": args.inverse_every,
         "stats_fraction": args.stats_fraction,
@@ -181,6 +196,7 @@ def main() -> None:
     print(
         f"device: {args.device} ({device_desc}), torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
+    print(f"model: {args.model} (experiments {' and '.join(EXPERIMENTS[args.model])})")
     print(
         f"KFC-pre: T_s={args.stats_every} T_f={args.inverse_every} stats_fraction={args.stats_fraction} "
         f"nu_fraction={args.nu_fraction} clip={opts['clip']}"

@@ -1,12 +1,17 @@
-"""Optimizers as ``torch.optim.Optimizer`` subclasses: SGD (the paper's baseline) and KFC-pre.
+"""Optimizers: SGD (the paper's baseline), KFC-pre, and a KFC preconditioner for any optimizer.
 
-Both implement :class:`~kfcrun.optim.protocol.TrainingOptimizer`, the small protocol the
-training loop uses (initialize, step with the mini-batch, averaged parameters, stats).
+:class:`SGD` and :class:`KFCPre` are ``torch.optim.Optimizer`` subclasses;
+:class:`KFCPreconditioner` turns ``.grad`` into the KFC natural gradient for any optimizer.
+
+SGD and KFC-pre implement :class:`~kfcrun.optim.protocol.TrainingOptimizer`, the small
+protocol the training loop uses (initialize, step with the mini-batch, averaged
+parameters, stats).
 """
 
 from kfcrun.optim.averaging import IterateAveraging, averaging_decay
 from kfcrun.optim.kfc_pre import KFCPre
 from kfcrun.optim.param_groups import build_param_groups, layer_weight_decays, weight_layers
+from kfcrun.optim.preconditioner import KFCPreconditioner
 from kfcrun.optim.protocol import TrainingOptimizer
 from kfcrun.optim.sgd import SGD
 
@@ -14,6 +19,7 @@ __all__ = [
     "SGD",
     "IterateAveraging",
     "KFCPre",
+    "KFCPreconditioner",
     "TrainingOptimizer",
     "averaging_decay",
     "build_param_groups",

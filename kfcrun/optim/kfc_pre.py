@@ -17,52 +17,59 @@ Each iteration ``k`` (counting from 1), as named phases of :meth:`KFCPre.step`:
 Before the first step the factors are estimated on a large training subset
 (:meth:`KFCPre.initialize`); without that call, the first step initializes them from
 its own mini-batch. The mini-batch inputs come from ``step(inputs=...)`` or, for the
-plain ``loss.backward(); opt.step()`` loop, from the recorded last training forward
-(:mod:`kfcrun.optim.inputs`).
+plain ``loss.backward(); opt.step()`` loop, from the recorded training forwards since
+the last step (:mod:`kfcrun.optim.inputs`). With gradient accumulation (several
+micro-batches per step, their mean-loss gradients averaged into ``.grad`` by the user)
+the statistics and ``nu`` cover all micro-batches, one micro-batch at a time
+(:mod:`kfcrun.optim.curvature_steps`).
 
-Parameters outside the covered layers (e.g. BatchNorm scale and shift) are not covered
-by KFC: they take the plain SGD-with-momentum step ``v = -alpha * grad`` with the same
-learning rate, and take part in ``nu`` and clipping like every other parameter.
+Coverage is :func:`~kfcrun.curvature.kfc_layers`: convolutions (any groups and padding
+mode), Linear, Embedding and the scale/shift of normalization layers each get a block.
+Every other trainable parameter (and those of ``skip_layers``) takes the plain
+SGD-with-momentum step ``v = -alpha * grad h`` with the same learning rate, and takes
+part in ``nu`` and clipping like every other parameter; the curvature warns once, naming
+the modules without a block.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
 
 from kfcrun.curvature import (
+    DEFAULT_MAX_FACTOR_DIM,
+    CurvatureBlock,
     CurvatureSchedule,
     DampingMode,
     FisherType,
     KFCCurvature,
-    KroneckerBlock,
+    Likelihood,
     OmegaModel,
 )
 from kfcrun.optim.averaging import AVERAGING_MODES, IterateAveraging
-from kfcrun.optim.fisher_vector import fisher_quadratic
+from kfcrun.optim.curvature_steps import (
+    CurvatureRefresher,
+    exact_quadratic,
+    leading_examples,
+    micro_batches,
+    precondition_parameters,
+    subset_size,
+)
 from kfcrun.optim.inputs import BatchRecorder
-from kfcrun.optim.param_groups import layer_weight_decays
+from kfcrun.optim.knobs import LIKELIHOOD_RULE, SKIP_LAYERS_RULE
+from kfcrun.optim.param_groups import layer_weight_decays, parameter_weight_decays
 from kfcrun.optim.protocol import InitBatch
 from kfcrun.optim.timing import PhaseTimer
 from kfcrun.schema import boolean, check_arguments, choice, integer, mapping_of_numbers, number
 
+__all__ = ["PHASES", "KFCPre", "subset_size"]
+
 #: Names of the timed phases, as reported by :attr:`KFCPre.phase_times`.
 PHASES = ("statistics", "inverses", "precondition", "nu")
-
-
-def _weight_and_bias(module: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """A Conv2d/Linear's ``(weight, bias)`` (bias ``None`` if absent), typed for mypy."""
-    return cast(Tensor, module.weight), cast("Tensor | None", module.bias)
-
-
-def subset_size(fraction: float, batch_size: int) -> int:
-    """``max(1, ceil(fraction * batch_size))``: the leading examples a fraction of a batch uses."""
-    return max(1, math.ceil(fraction * batch_size - 1e-9))
 
 
 class KFCPre(torch.optim.Optimizer):
@@ -77,9 +84,14 @@ class KFCPre(torch.optim.Optimizer):
             F.cross_entropy(model(x), y).backward()   # the MEAN loss
             opt.step()                           # or opt.step(inputs=x): see kfcrun.optim.inputs
 
+    Gradient accumulation: run ``(loss / n_micro).backward()`` on each micro-batch, then
+    one ``opt.step()`` (the recorder keeps every micro-batch; or pass
+    ``step(inputs=[x1, x2, ...])``).
+
     Args:
-        model: the network; maps inputs to logits ``(batch, classes)`` of a softmax
-            cross-entropy loss. Every layer :func:`~kfcrun.curvature.kfc_layers` covers gets a KFC block.
+        model: the network; maps inputs to the output of ``likelihood`` (by default logits
+            of a softmax cross-entropy, class dim 1). Every module
+            :func:`~kfcrun.curvature.kfc_layers` covers gets a block.
         lr: ``alpha``, on the gradient of the MEAN mini-batch loss.
         momentum: ``mu`` (paper: 0.9).
         weight_decay: ``lambda`` of the L2 term ``lambda/2 |W|^2`` for the covered layers' weights.
@@ -97,6 +109,9 @@ class KFCPre(torch.optim.Optimizer):
             iterations stale mis-scale the step. 0 (default) is Algorithm 1 exactly.
         clip: ``C`` of the update clipping; ``None`` disables clipping (and ``nu``).
         nu_fraction: fraction of the mini-batch whose exact Fisher estimates ``nu`` (paper: 1/4).
+            With BatchNorm the ``nu`` pass normalizes over that subset (train mode), so keep it
+            at a few dozen examples: over two examples of a 1x1 map the batch variance can
+            nearly vanish and ``nu`` explode, and the clip then freezes the step.
         stats_fraction: fraction of the mini-batch used for the factor statistics (the
             estimate gets noisier, the cost falls in proportion; App. A.3). The first
             ``ceil(f * M)`` examples are used; ``M`` in Eqn 32 is then that subset's size.
@@ -109,11 +124,23 @@ class KFCPre(torch.optim.Optimizer):
             as ``step(targets=...)``: the empirical Fisher, a different and worse object).
         approx: ``"kfc"`` (Theorem 1-2) or ``"sua"`` (spatially uncorrelated activations,
             the idealized PRONG model of Theorem 4).
+        likelihood: the output distribution: ``"cross_entropy"`` (softmax, class dim 1),
+            ``"gaussian"`` (unit variance: per-example loss ``1/2 |f - y|^2``) or
+            ``"bernoulli"`` (sigmoid), or a :class:`~kfcrun.curvature.Likelihood` (e.g.
+            ``SoftmaxCrossEntropy(class_dim=-1, ignore_index=-100)`` for tokens). The curvature
+            and ``nu`` are the Fisher of the per-example NLL summed over output positions
+            (:mod:`kfcrun.curvature.likelihoods` lists the factors to common losses).
+        skip_layers: names or patterns of modules that get no block (plain step), e.g.
+            ``["fc", "layer4.*"]`` (:func:`~kfcrun.curvature.layer_matches`).
+        max_factor_dim: a Kronecker factor larger than this is kept as its diagonal (an LM
+            head's ``V x V`` Gamma); ``None``: no cap.
         precondition: ``False`` skips curvature entirely (SGD with momentum and clipping).
         avg_decay, avg_mode, avg_start: iterate averaging, as for :class:`kfcrun.optim.SGD`.
         seed: seeds the generator of the sampled targets.
         chunk_size: examples per chunk of the conv patch expansion (memory bound).
-        inverse_dtype: dtype of the inversions (float64 by default: cheap at these sizes).
+        inverse_dtype: dtype of the inversions: ``"float64"`` (default: cheap at the paper's
+            sizes) or ``"float32"`` (about twice as fast for the 4608-wide factors of a
+            ResNet-18), or a ``torch.dtype``; ``None``: the factors' dtype.
         record_inputs: register the :class:`~kfcrun.optim.inputs.BatchRecorder` hook so that
             ``step()`` without ``inputs`` finds the batch (see :mod:`kfcrun.optim.inputs`).
 
@@ -143,16 +170,25 @@ class KFCPre(torch.optim.Optimizer):
         init_examples: Annotated[int, integer(0, "10000")] = 0,
         fisher: Annotated[FisherType | str, choice(FisherType)] = FisherType.SAMPLED,
         approx: Annotated[OmegaModel | str, choice(OmegaModel)] = OmegaModel.KFC,
+        likelihood: Annotated[Likelihood | str, LIKELIHOOD_RULE] = "cross_entropy",
+        skip_layers: Annotated[Sequence[str], SKIP_LAYERS_RULE] = (),
+        max_factor_dim: Annotated[int | None, integer(1, "8192", optional=True)] = DEFAULT_MAX_FACTOR_DIM,
         precondition: Annotated[bool, boolean()] = True,
         avg_decay: float | None = None,
         avg_mode: Annotated[str, choice(*AVERAGING_MODES)] = "paper",
         avg_start: Annotated[int, integer(0, "0")] = 0,
         seed: int = 0,
         chunk_size: int | None = None,
-        inverse_dtype: torch.dtype | None = torch.float64,
+        inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
     ) -> None:
-        check_arguments(KFCPre, locals())
+        compute_dtype: torch.dtype | None
+        if isinstance(inverse_dtype, str):
+            check_arguments(KFCPre, {"inverse_dtype": inverse_dtype})
+            compute_dtype = getattr(torch, inverse_dtype)
+        else:
+            compute_dtype = inverse_dtype
+        check_arguments(KFCPre, {k: v for k, v in locals().items() if k != "inverse_dtype"})
         self.schedule = CurvatureSchedule(stats_every, inverse_every, refresh_until)
         self.model = model
         self.curvature = KFCCurvature(
@@ -161,23 +197,24 @@ class KFCPre(torch.optim.Optimizer):
             damping_mode=damping_mode,
             fisher_type=fisher,
             chunk_size=chunk_size,
-            inverse_dtype=inverse_dtype,
+            inverse_dtype=compute_dtype,
             omega_model=approx,
+            likelihood=likelihood,
+            skip_layers=skip_layers,
+            max_factor_dim=max_factor_dim,
         )
+        #: ``lambda`` per weight layer (Conv/Linear) by name, covered or not.
         self.lambdas = layer_weight_decays(model, weight_decay, layer_weight_decay)
+        #: ``lambda`` per parameter: weights of weight layers, biases with ``decay_biases``.
+        self.decays = parameter_weight_decays(model, self.lambdas, decay_biases)
         groups: list[dict[str, Any]] = []
         covered: set[int] = set()
         for name, block in self.blocks.items():
-            params = [p for p in (block.module.weight, block.module.bias) if p is not None]
-            if not all(p.requires_grad for p in params):
-                raise ValueError(
-                    f"KFCPre: layer {name!r} has frozen parameters; KFC blocks need trainable layers"
-                )
-            covered.update(id(p) for p in params)
-            groups.append({"params": params, "layer": name, "weight_decay": self.lambdas[name]})
+            covered.update(id(p) for p in block.params)
+            groups.append({"params": block.params, "layer": name})
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
         if others:
-            groups.append({"params": others, "layer": None, "weight_decay": 0.0})
+            groups.append({"params": others, "layer": None})
         super().__init__(groups, {"lr": lr, "momentum": momentum})
 
         self.damping = damping
@@ -192,21 +229,32 @@ class KFCPre(torch.optim.Optimizer):
         self.timer = PhaseTimer(device)
         self._param_names = {id(p): name for name, p in model.named_parameters()}
         self._last_stats: dict[str, Tensor] = {}
-        self._health: dict[str, Tensor] = {}
-        self._pi_mean: Tensor | None = None
         self.recorder = BatchRecorder()
         self._recorder_handle = self.recorder.attach(model) if record_inputs else None
+        self.refresher = CurvatureRefresher(
+            self.curvature,
+            self.schedule,
+            stats_fraction=stats_fraction,
+            generator=self.generator,
+            timer=self.timer,
+            recorder=self.recorder,
+        )
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
-    def blocks(self) -> dict[str, KroneckerBlock]:
-        """The KFC blocks, by layer name."""
+    def blocks(self) -> dict[str, CurvatureBlock]:
+        """The curvature blocks, by module name."""
         return self.curvature.blocks
 
     @property
+    def block_weight_decays(self) -> dict[str, float]:
+        """``lambda`` of each block's damping ``λ + γ`` (0 for normalization blocks)."""
+        return {name: self.lambdas.get(name, 0.0) for name in self.blocks}
+
+    @property
     def needs_labels(self) -> bool:
-        """Only the empirical Fisher needs the training labels (``step(targets=...)``)."""
-        return self.curvature.fisher_type is FisherType.EMPIRICAL
+        """The empirical Fisher and a masking likelihood need the labels (``step(targets=...)``)."""
+        return self.curvature.fisher_type is FisherType.EMPIRICAL or self.curvature.likelihood.needs_labels
 
     @property
     def initialized(self) -> bool:
@@ -234,40 +282,15 @@ class KFCPre(torch.optim.Optimizer):
         """Algorithm 1's initial factor estimate: average Eqn 32 over ``batches``, then invert.
 
         ``batches`` yields input tensors, or ``(inputs, labels)`` pairs (labels are used
-        only with ``fisher="empirical"``): a large training subset; the paper used the full
-        training set. Every example is used, whatever ``stats_fraction`` is.
+        only with ``fisher="empirical"`` or a masking likelihood): a large training subset;
+        the paper used the full training set. Every example is used, whatever
+        ``stats_fraction`` is.
         """
-        count = 0
-        for item in batches:
-            inputs, labels = item if isinstance(item, (tuple, list)) else (item, None)
-            self._update_statistics(inputs, labels, init=True)
-            count += 1
-        if count:
-            self._update_inverses()
+        self.refresher.initialize(batches, self.damping, self.block_weight_decays)
 
-    def _update_inverses(self) -> None:
-        with self.timer("inverses"):
-            update = self.curvature.update_inverses(self.damping, self.lambdas)
-        self._pi_mean = update.pi_mean()
-        self._health["inverse_nonfinite"] = torch.tensor(float(update.nonfinite))
-
-    def _update_statistics(self, inputs: Tensor, targets: Tensor | None, init: bool) -> None:
-        with self.timer("statistics"), self.recorder.paused(), torch.enable_grad():
-            update = self.curvature.update_statistics(inputs, targets, generator=self.generator, init=init)
-        self._health["stats_nonfinite"] = update.nonfinite
-
-    def _refresh_curvature(self, k: int, inputs: Tensor, targets: Tensor | None) -> None:
-        """Phase 1: statistics every ``T_s`` and inverses every ``T_f`` (on a statistics subset)."""
-        m = subset_size(self.stats_fraction, inputs.shape[0])
-        stats_inputs, stats_targets = inputs[:m], (targets[:m] if targets is not None else None)
-        if not self.initialized:
-            self._update_statistics(stats_inputs, stats_targets, init=True)
-            self._update_inverses()
-            return
-        if self.schedule.statistics_due(k):
-            self._update_statistics(stats_inputs, stats_targets, init=False)
-        if self.schedule.inverses_due(k):
-            self._update_inverses()
+    def _refresh_curvature(self, k: int, batches: list[Tensor], targets: list[Tensor] | None) -> None:
+        """Phase 1: statistics every ``T_s`` and inverses every ``T_f`` (on a subset of every micro-batch)."""
+        self.refresher.refresh(k, batches, targets, self.damping, self.block_weight_decays)
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -275,95 +298,76 @@ class KFCPre(torch.optim.Optimizer):
         self,
         closure: Callable[[], Any] | None = None,
         *,
-        inputs: Tensor | None = None,
-        targets: Tensor | None = None,
+        inputs: Tensor | Sequence[Tensor] | None = None,
+        targets: Tensor | Sequence[Tensor] | None = None,
     ) -> Any:
         """One KFC-pre iteration (see the module docstring). ``.grad`` must hold the mean-loss gradient.
 
         Args:
             closure: re-evaluates the loss and its gradient (standard ``torch.optim``).
-            inputs: the mini-batch inputs; default: the recorded last training forward's.
-            targets: training labels, needed only for ``fisher="empirical"``.
+            inputs: the mini-batch inputs, or the list of micro-batches whose gradients
+                ``.grad`` holds; default: the recorded training forwards since the last step.
+            targets: training labels (a list for micro-batches), needed only when
+                :attr:`needs_labels`.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        recorded = self.recorder.take()
         if inputs is None:
-            inputs = self.recorder.inputs
-        if inputs is None:
+            inputs = recorded
+        if isinstance(inputs, Sequence) and not isinstance(inputs, Tensor) and not inputs:
             raise RuntimeError(
                 "KFCPre.step() needs the mini-batch inputs: call step(inputs=x), or build the optimizer with "
                 "record_inputs=True and run the model in train mode on them before step()"
             )
+        batches, labels = micro_batches(inputs, targets)
         k = self.iteration + 1
 
         if self.precondition_enabled:
-            self._refresh_curvature(k, inputs, targets)
+            self._refresh_curvature(k, batches, labels)
         with self.timer("precondition"):
             updates = self._proposed_updates()
-        nu, scale = self._clip(inputs, updates)
+        nu, scale = self._clip(batches, labels, updates)
         self._apply_momentum(updates)
 
         self.iteration = k
         self.averaging.update(self._params(), k)
         self._last_stats = {"damping": torch.tensor(self.damping)}
-        if self._pi_mean is not None:
-            self._last_stats["pi_mean"] = self._pi_mean
+        if self.refresher.pi_mean is not None:
+            self._last_stats["pi_mean"] = self.refresher.pi_mean
         if nu is not None and scale is not None:
             self._last_stats["nu"] = nu
             self._last_stats["clip_factor"] = scale
         return loss
 
-    def _gradient_of_h(self, p: Tensor, weight_decay: float) -> Tensor:
+    def _gradient_of_h(self, p: Tensor) -> Tensor:
+        """``grad h = grad(mean loss) + lambda p`` (a fresh tensor)."""
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        return grad.add(p, alpha=weight_decay) if weight_decay else grad
-
-    def _decay_of(self, group: dict, p: Tensor) -> float:
-        """``lambda`` for a parameter: its layer's, for weights (and biases if ``decay_biases``)."""
-        if group["layer"] is None:
-            return 0.0
-        if p is self.blocks[group["layer"]].module.bias and not self.decay_biases:
-            return 0.0
-        return group["weight_decay"]
+        decay = self.decays.get(p, 0.0)
+        return grad.add(p, alpha=decay) if decay else grad.clone()
 
     def _proposed_updates(self) -> dict[Tensor, Tensor]:
         """Phase 2: the proposed update ``v`` per parameter.
 
-        ``v = -alpha F_hat^{-1} grad h`` for KFC layers (Eqn 29), ``-alpha grad h`` otherwise.
+        ``v = -alpha F_hat^{-1} grad h`` for the parameters a block covers (Eqn 29 for Kronecker
+        blocks), ``-alpha grad h`` for the others.
         """
-        updates: dict[Tensor, Tensor] = {}
-        combined: dict[str, Tensor] = {}
-        for group in self.param_groups:
-            if group["layer"] is None or not self.precondition_enabled:
-                for p in group["params"]:
-                    updates[p] = self._gradient_of_h(p, self._decay_of(group, p)).mul(-group["lr"])
-                continue
-            weight, bias = _weight_and_bias(self.blocks[group["layer"]].module)
-            weight_grad = self._gradient_of_h(weight, self._decay_of(group, weight))
-            bias_grad = None
-            if bias is not None:
-                bias_grad = self._gradient_of_h(bias, self._decay_of(group, bias))
-            combined[group["layer"]] = self.blocks[group["layer"]].combine(weight_grad, bias_grad)
-        if combined:
-            preconditioned = self.curvature.precondition(combined)
-            for group in self.param_groups:
-                name = group["layer"]
-                if name is None or name not in preconditioned:
-                    continue
-                weight, bias = _weight_and_bias(self.blocks[name].module)
-                d_weight, d_bias = self.blocks[name].split(preconditioned[name])
-                updates[weight] = d_weight.mul_(-group["lr"])
-                if bias is not None and d_bias is not None:
-                    updates[bias] = d_bias.mul_(-group["lr"])
-        return updates
+        grads = {p: self._gradient_of_h(p) for p in self._params()}
+        if self.precondition_enabled and self.blocks:
+            grads.update(precondition_parameters(self.curvature, grads))
+        lr = {p: group["lr"] for group in self.param_groups for p in group["params"]}
+        return {p: g.mul_(-lr[p]) for p, g in grads.items()}
 
-    def _clip(self, inputs: Tensor, updates: dict[Tensor, Tensor]) -> tuple[Tensor | None, Tensor | None]:
-        """Phase 3: ``nu`` on part of the batch; scale ``v`` in place so that ``nu <= C`` (no host sync)."""
+    def _clip(
+        self, batches: list[Tensor], targets: list[Tensor] | None, updates: dict[Tensor, Tensor]
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Phase 3: ``nu`` on part of the step's examples; scale ``v`` in place so ``nu <= C`` (no sync)."""
         if self.clip is None:
             return None, None
         with self.timer("nu"):
-            nu = self._nu(inputs, updates)
+            nu = self._nu(batches, targets, updates)
             scale = torch.clamp(torch.sqrt(self.clip / nu), max=1.0)
             scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
             torch._foreach_mul_(list(updates.values()), scale)
@@ -383,17 +387,17 @@ class KFCPre(torch.optim.Optimizer):
         torch._foreach_add_(buffers, list(updates.values()))
         torch._foreach_add_(params, buffers)
 
-    def _nu(self, inputs: Tensor, updates: dict[Tensor, Tensor]) -> Tensor:
-        """``v^T F v + sum lambda |v|^2`` with the exact Fisher of the first ``nu_fraction`` of the batch."""
-        count = subset_size(self.nu_fraction, inputs.shape[0])
+    def _nu(
+        self, batches: list[Tensor], targets: list[Tensor] | None, updates: dict[Tensor, Tensor]
+    ) -> Tensor:
+        """``v^T F v + sum lambda |v|^2``, exact Fisher of the step's first ``nu_fraction`` of examples."""
+        total = sum(x.shape[0] for x in batches)
+        inputs, labels = leading_examples(batches, targets, subset_size(self.nu_fraction, total))
         tangents = {self._param_names[id(p)]: v for p, v in updates.items()}
         with self.recorder.paused(), torch.enable_grad():
-            quadratic = fisher_quadratic(self.model, inputs[:count], tangents)
+            quadratic = exact_quadratic(self.model, self.curvature.likelihood, inputs, labels, tangents)
         decay_terms = [
-            self._decay_of(group, p) * updates[p].square().sum()
-            for group in self.param_groups
-            for p in group["params"]
-            if self._decay_of(group, p)
+            self.decays[p] * v.square().sum() for p, v in updates.items() if self.decays.get(p, 0.0)
         ]
         return quadratic + torch.stack(decay_terms).sum() if decay_terms else quadratic
 
@@ -412,7 +416,7 @@ class KFCPre(torch.optim.Optimizer):
         Values are tensors where they come from the device; reading them syncs, so call
         this only when logging.
         """
-        return {**self._last_stats, **self._health, **self.phase_times}
+        return {**self._last_stats, **self.refresher.health, **self.phase_times}
 
     def state_dict(self) -> dict[str, Any]:
         """The ``torch.optim.Optimizer`` state plus iteration, curvature, generator, phase times, ``pi``."""
@@ -421,7 +425,7 @@ class KFCPre(torch.optim.Optimizer):
         state["curvature"] = self.curvature.state_dict()
         state["generator"] = self.generator.get_state()
         state["phase_times"] = self.timer.state_dict()
-        state["pi_mean"] = self._pi_mean
+        state["pi_mean"] = self.refresher.pi_mean
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -431,5 +435,5 @@ class KFCPre(torch.optim.Optimizer):
         self.curvature.load_state_dict(state_dict.pop("curvature"))
         self.generator.set_state(state_dict.pop("generator"))
         self.timer.load_state_dict(state_dict.pop("phase_times", {}))
-        self._pi_mean = state_dict.pop("pi_mean", None)
+        self.refresher.pi_mean = state_dict.pop("pi_mean", None)
         super().load_state_dict(state_dict)

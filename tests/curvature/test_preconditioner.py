@@ -265,8 +265,8 @@ def test_misuse_raises_clear_errors() -> None:
     _, curv = _ready("pi")
     with pytest.raises(RuntimeError, match="update_inverses"):
         curv.precondition(_random_grads(curv))
-    with pytest.raises(ValueError, match="no entry for layers"):
-        curv.update_inverses(1e-3, {"0": 0.0})
+    with pytest.raises(ValueError, match="without a block"):
+        curv.update_inverses(1e-3, {"nope": 0.0})
     curv.update_inverses(1e-3, 0.0)
     with pytest.raises(ValueError, match="shape"):
         curv.precondition({"0": torch.zeros(3, 3, dtype=torch.float64)})
