@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -513,6 +514,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C outside a run (while composing, importing): one line
         print("kfcrun: interrupted by SIGINT before the run started; nothing was written", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # `kfcrun --help | head`: the reader left. Point stdout at /dev/null so that Python's
+        # final flush does not fail again, and exit as a process killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     if FAILED_JOBS:
         print(f"kfcrun: {len(FAILED_JOBS)} sweep job(s) failed:", file=sys.stderr)
         for run_dir, message in FAILED_JOBS:

@@ -245,8 +245,13 @@ class Trainer:
         if isinstance(state.get("config"), dict):
             write_config(self.run_dir, state["config"])
         metrics = self.run_dir / "metrics.jsonl"
-        truncate_metrics(metrics, self.iteration)
-        rows = read_metrics(metrics) if metrics.exists() else []
+        try:
+            truncate_metrics(metrics, self.iteration)
+            rows = read_metrics(metrics) if metrics.exists() else []
+        except ValueError as err:  # a damaged line other than a torn last one: not ours to guess at
+            raise CheckpointError(
+                f"{err}; the checkpoint is intact; fix: repair or delete that line, then resume again"
+            ) from err
         self.last_row = rows[-1] if rows else {}
         self.last_checkpoint = (self.iteration, self.checkpoint_file)
         self._remember_checkpoint()
