@@ -6,6 +6,9 @@ tables and writes them with ``--out``:
 
 * per iteration: at every evaluated iteration that all runs reached, the chosen metrics of
   each run (so the comparison at equal steps does not depend on machine load);
+* with ``--batch-loss``, every logged iteration's mini-batch loss (``train/batch_loss``,
+  read from the run's TensorBoard events; log it every step with ``trainer.log_every=1``);
+  runs with the same seed see the same (augmented) batches, so these are paired;
 * per second of training time (``train_time_s``, which excludes evaluation and logging): at
   every ``--every`` seconds up to the shortest run's last evaluation, each run's most recent
   evaluation at or before that time (its iteration in brackets).
@@ -68,6 +71,25 @@ def per_second(runs: dict[str, list[dict]], metrics: tuple[str, ...], every: flo
     return out
 
 
+def batch_losses(run: Path) -> dict[int, float]:
+    """``iteration -> train/batch_loss`` from the run's TensorBoard events (empty if not logged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not (run / "tensorboard").is_dir():
+        return {}
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "train/batch_loss" not in acc.Tags()["scalars"]:
+        return {}
+    return {e.step: e.value for e in acc.Scalars("train/batch_loss")}
+
+
+def batch_loss_rows(runs: list[Path]) -> list[list[str]]:
+    losses = [batch_losses(r) for r in runs]
+    common = sorted(set.intersection(*(set(b) for b in losses))) if losses else []
+    return [[str(it), *(f"{b[it]:.3f}" for b in losses)] for it in common]
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -79,6 +101,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
     parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
     parser.add_argument("--every", type=float, default=60.0, help="seconds between rows of the time table")
+    parser.add_argument("--batch-loss", action="store_true", help="also each step's mini-batch loss")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -109,6 +132,8 @@ def main() -> None:
             ],
         ),
     ]
+    if args.batch_loss:
+        parts += ["", "Mini-batch loss per iteration:", table(["iter", *runs], batch_loss_rows(args.runs))]
     text = "\n".join(parts)
     print(text)
     if args.out is not None:
