@@ -104,7 +104,8 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
-        opt.step()
+        # as the runner does: its optimizers are built with record_inputs=False (kfcrun.builders)
+        opt.step(inputs=x, targets=y if opt.needs_labels else None)
         synchronize(device)
         return time.perf_counter() - start
 
