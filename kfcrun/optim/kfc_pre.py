@@ -4,7 +4,9 @@ Each iteration ``k`` (counting from 1), as named phases of :meth:`KFCPre.step`:
 
 1. ``_refresh_curvature``: if ``k % T_s == 0`` update the running factors ``Omega, Gamma``
    on the current mini-batch with targets sampled from the model (Eqns 32-33); if
-   ``k % T_f == 0`` recompute the damped inverses (Eqn 28, or Eqns 39-44);
+   ``k % T_f == 0`` recompute the damped inverses (Eqn 28, or Eqns 39-44); both when the
+   staleness guard asks (:mod:`kfcrun.optim.staleness`, off by default). With
+   ``ema_warmup`` the ``k``-th statistics update uses ``xi_k = min(1 - 1/k, xi)``;
 2. ``_proposed_updates``: ``v = -alpha * F_hat^{-1} grad h`` per covered layer (Eqn 29),
    where ``h`` is the mean mini-batch loss plus ``sum_l lambda_l/2 |W_l|^2``;
 3. ``_clip``: ``nu = v^T F v + sum_l lambda_l |v_l|^2`` with the EXACT Fisher of a
@@ -27,40 +29,22 @@ learning rate, and take part in ``nu`` and clipping like every other parameter.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
 
-from kfcrun.curvature import (
-    CurvatureSchedule,
-    DampingMode,
-    FisherType,
-    KFCCurvature,
-    KroneckerBlock,
-    OmegaModel,
-)
-from kfcrun.optim.averaging import AVERAGING_MODES, IterateAveraging
-from kfcrun.optim.fisher_vector import fisher_quadratic
-from kfcrun.optim.inputs import BatchRecorder
-from kfcrun.optim.param_groups import layer_weight_decays
-from kfcrun.optim.protocol import InitBatch
-from kfcrun.optim.timing import PhaseTimer
+from kfcrun.curvature import DampingMode, FisherType, OmegaModel
+from kfcrun.optim.averaging import AVERAGING_MODES
+from kfcrun.optim.kfc_base import PHASES, KFCOptimizerBase, subset_size
+from kfcrun.optim.staleness import StalenessGuard
 from kfcrun.schema import boolean, check_arguments, choice, integer, mapping_of_numbers, number
 
-#: Names of the timed phases, as reported by :attr:`KFCPre.phase_times`.
-PHASES = ("statistics", "inverses", "precondition", "nu")
+__all__ = ["PHASES", "KFCPre", "subset_size"]
 
 
-def subset_size(fraction: float, batch_size: int) -> int:
-    """``max(1, ceil(fraction * batch_size))``: the leading examples a fraction of a batch uses."""
-    return max(1, math.ceil(fraction * batch_size - 1e-9))
-
-
-class KFCPre(torch.optim.Optimizer):
+class KFCPre(KFCOptimizerBase):
     """KFC-pre (Algorithm 1) as a ``torch.optim.Optimizer``.
 
     Usage::
@@ -84,12 +68,21 @@ class KFCPre(torch.optim.Optimizer):
             (Eqn 28) or ``lambda + gamma`` on the whole block (``damping_mode="exact"``).
         damping_mode: ``"pi"`` (Eqn 28) or ``"exact"`` (Eqns 39-44).
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
+        ema_warmup: use ``xi_k = min(1 - 1/k, xi)`` for the ``k``-th statistics update
+            (Martens & Grosse 2015), the initial estimate counting as
+            ``ceil(init_examples / statistics batch)`` updates (see
+            :class:`~kfcrun.curvature.KFCCurvature`). ``False``: Eqn 33's constant ``xi``.
         stats_every: ``T_s``, iterations between statistics updates.
         inverse_every: ``T_f``, iterations between inverse updates.
         refresh_until: for iterations ``k <= refresh_until`` update the statistics and the
             inverses every iteration, whatever ``T_s``/``T_f`` say. Early on the parameters,
             and with them the curvature, change fastest, and factors that are ``T_s``/``T_f``
             iterations stale mis-scale the step. 0 (default) is Algorithm 1 exactly.
+        guard_clip: staleness guard: refresh the statistics and the inverses at the next
+            step when this step's clip factor ``min(1, sqrt(C/nu))`` fell below this
+            (``None``: off). See :mod:`kfcrun.optim.staleness`; reads one scalar per step.
+        guard_nu_jump: staleness guard: refresh when ``nu`` grew by more than this factor
+            from one step to the next (``None``: off). Both need ``clip`` (they watch ``nu``).
         clip: ``C`` of the update clipping; ``None`` disables clipping (and ``nu``).
         nu_fraction: fraction of the mini-batch whose exact Fisher estimates ``nu`` (paper: 1/4).
         stats_fraction: fraction of the mini-batch used for the factor statistics (the
@@ -129,9 +122,12 @@ class KFCPre(torch.optim.Optimizer):
         damping: Annotated[float, number("0.001", gt=0)] = 1e-3,
         damping_mode: Annotated[DampingMode | str, choice(DampingMode)] = DampingMode.PI,
         stat_decay: Annotated[float, number("0.95", ge=0, lt=1)] = 0.95,
+        ema_warmup: Annotated[bool, boolean()] = False,
         stats_every: Annotated[int, integer(1, "10")] = 10,
         inverse_every: Annotated[int, integer(1, "20")] = 20,
         refresh_until: Annotated[int, integer(0, "0")] = 0,
+        guard_clip: Annotated[float | None, number("0.1", gt=0, le=1, optional=True)] = None,
+        guard_nu_jump: Annotated[float | None, number("10", gt=1, optional=True)] = None,
         clip: Annotated[float | None, number("0.3", gt=0, optional=True)] = 0.3,
         nu_fraction: Annotated[float, number("0.25", gt=0, le=1)] = 0.25,
         stats_fraction: Annotated[float, number("0.25", gt=0, le=1)] = 1.0,
@@ -148,120 +144,38 @@ class KFCPre(torch.optim.Optimizer):
         record_inputs: bool = True,
     ) -> None:
         check_arguments(KFCPre, locals())
-        self.schedule = CurvatureSchedule(stats_every, inverse_every, refresh_until)
-        self.model = model
-        self.curvature = KFCCurvature(
+        if clip is None and (guard_clip is not None or guard_nu_jump is not None):
+            raise ValueError(
+                "guard_clip and guard_nu_jump watch nu, which clip=None turns off; set clip or drop them"
+            )
+        super().__init__(
             model,
-            stat_decay=stat_decay,
+            {"lr": lr, "momentum": momentum},
+            weight_decay=weight_decay,
+            layer_weight_decay=layer_weight_decay,
+            decay_biases=decay_biases,
+            damping=damping,
             damping_mode=damping_mode,
-            fisher_type=fisher,
+            stat_decay=stat_decay,
+            ema_warmup=ema_warmup,
+            stats_every=stats_every,
+            inverse_every=inverse_every,
+            refresh_until=refresh_until,
+            stats_fraction=stats_fraction,
+            init_examples=init_examples,
+            fisher=fisher,
+            approx=approx,
+            staleness_guard=StalenessGuard(nu_jump=guard_nu_jump, health_below=guard_clip),
+            precondition=precondition,
+            avg_decay=avg_decay,
+            avg_mode=avg_mode,
+            avg_start=avg_start,
+            seed=seed,
             chunk_size=chunk_size,
             inverse_dtype=inverse_dtype,
-            omega_model=approx,
+            record_inputs=record_inputs,
         )
-        self.lambdas = layer_weight_decays(model, weight_decay, layer_weight_decay)
-        groups, covered = [], set()
-        for name, block in self.blocks.items():
-            params = [p for p in (block.module.weight, block.module.bias) if p is not None]
-            if not all(p.requires_grad for p in params):
-                raise ValueError(
-                    f"KFCPre: layer {name!r} has frozen parameters; KFC blocks need trainable layers"
-                )
-            covered.update(id(p) for p in params)
-            groups.append({"params": params, "layer": name, "weight_decay": self.lambdas[name]})
-        others = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
-        if others:
-            groups.append({"params": others, "layer": None, "weight_decay": 0.0})
-        super().__init__(groups, {"lr": lr, "momentum": momentum})
-
-        self.damping = damping
-        self.clip, self.nu_fraction, self.stats_fraction = clip, nu_fraction, stats_fraction
-        self.decay_biases, self.precondition_enabled = decay_biases, precondition
-        self.init_examples = init_examples
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.iteration = 0
-        self.averaging = IterateAveraging(self, avg_decay, avg_mode, avg_start)
-        self.averaging.begin(self._params())
-        self.timer = PhaseTimer(device)
-        self._param_names = {id(p): name for name, p in model.named_parameters()}
-        self._last_stats: dict[str, Tensor] = {}
-        self._health: dict[str, Tensor] = {}
-        self._pi_mean: Tensor | None = None
-        self.recorder = BatchRecorder()
-        self._recorder_handle = self.recorder.attach(model) if record_inputs else None
-
-    # -- plumbing -------------------------------------------------------------------------------
-    @property
-    def blocks(self) -> dict[str, KroneckerBlock]:
-        """The KFC blocks, by layer name."""
-        return self.curvature.blocks
-
-    @property
-    def needs_labels(self) -> bool:
-        """Only the empirical Fisher needs the training labels (``step(targets=...)``)."""
-        return self.curvature.fisher_type is FisherType.EMPIRICAL
-
-    @property
-    def initialized(self) -> bool:
-        """Whether the damped inverses exist (after :meth:`initialize` or the first step)."""
-        return self.curvature.has_inverses
-
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    @property
-    def phase_times(self) -> dict[str, float]:
-        """Cumulative seconds per phase: statistics, inverses, precondition, nu."""
-        totals = self.timer.totals()
-        return {f"kfc_{phase}_s": totals.get(phase, 0.0) for phase in PHASES}
-
-    def remove_hooks(self) -> None:
-        """Detach the input-recording hook from the model (``step`` then needs ``inputs=``)."""
-        if self._recorder_handle is not None:
-            self._recorder_handle.remove()
-            self._recorder_handle = None
-
-    # -- curvature ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def initialize(self, batches: Iterable[InitBatch]) -> None:
-        """Algorithm 1's initial factor estimate: average Eqn 32 over ``batches``, then invert.
-
-        ``batches`` yields input tensors, or ``(inputs, labels)`` pairs (labels are used
-        only with ``fisher="empirical"``): a large training subset; the paper used the full
-        training set. Every example is used, whatever ``stats_fraction`` is.
-        """
-        count = 0
-        for item in batches:
-            inputs, labels = item if isinstance(item, (tuple, list)) else (item, None)
-            self._update_statistics(inputs, labels, init=True)
-            count += 1
-        if count:
-            self._update_inverses()
-
-    def _update_inverses(self) -> None:
-        with self.timer("inverses"):
-            update = self.curvature.update_inverses(self.damping, self.lambdas)
-        self._pi_mean = update.pi_mean()
-        self._health["inverse_nonfinite"] = torch.tensor(float(update.nonfinite))
-
-    def _update_statistics(self, inputs: Tensor, targets: Tensor | None, init: bool) -> None:
-        with self.timer("statistics"), self.recorder.paused(), torch.enable_grad():
-            update = self.curvature.update_statistics(inputs, targets, generator=self.generator, init=init)
-        self._health["stats_nonfinite"] = update.nonfinite
-
-    def _refresh_curvature(self, k: int, inputs: Tensor, targets: Tensor | None) -> None:
-        """Phase 1: statistics every ``T_s`` and inverses every ``T_f`` (on a statistics subset)."""
-        m = subset_size(self.stats_fraction, inputs.shape[0])
-        stats_inputs, stats_targets = inputs[:m], (targets[:m] if targets is not None else None)
-        if not self.initialized:
-            self._update_statistics(stats_inputs, stats_targets, init=True)
-            self._update_inverses()
-            return
-        if self.schedule.statistics_due(k):
-            self._update_statistics(stats_inputs, stats_targets, init=False)
-        if self.schedule.inverses_due(k):
-            self._update_inverses()
+        self.clip, self.nu_fraction = clip, nu_fraction
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -283,21 +197,16 @@ class KFCPre(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if inputs is None:
-            inputs = self.recorder.inputs
-        if inputs is None:
-            raise RuntimeError(
-                "KFCPre.step() needs the mini-batch inputs: call step(inputs=x), or build the optimizer with "
-                "record_inputs=True and run the model in train mode on them before step()"
-            )
+        inputs = self._batch_inputs(inputs)
         k = self.iteration + 1
 
         if self.precondition_enabled:
-            self._refresh_curvature(k, inputs, targets)
+            self._refresh_curvature(k, inputs, targets, force=self.guard.due())
         with self.timer("precondition"):
             updates = self._proposed_updates()
         nu, scale = self._clip(inputs, updates)
-        self._apply_momentum(updates)
+        self._apply_momentum(updates, self.param_groups[0]["momentum"])
+        self.guard.observe(nu=nu, health=scale)
 
         self.iteration = k
         self.averaging.update(self._params(), k)
@@ -309,44 +218,12 @@ class KFCPre(torch.optim.Optimizer):
             self._last_stats["clip_factor"] = scale
         return loss
 
-    def _gradient_of_h(self, p: Tensor, weight_decay: float) -> Tensor:
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        return grad.add(p, alpha=weight_decay) if weight_decay else grad
-
-    def _decay_of(self, group: dict, p: Tensor) -> float:
-        """``lambda`` for a parameter: its layer's, for weights (and biases if ``decay_biases``)."""
-        if group["layer"] is None:
-            return 0.0
-        if p is self.blocks[group["layer"]].module.bias and not self.decay_biases:
-            return 0.0
-        return group["weight_decay"]
-
     def _proposed_updates(self) -> dict[Tensor, Tensor]:
-        """Phase 2: ``v`` per parameter, ``-alpha F_hat^{-1} grad h`` for KFC layers, ``-alpha grad h`` otherwise."""
-        updates: dict[Tensor, Tensor] = {}
-        combined: dict[str, Tensor] = {}
+        """Phase 2: ``v = -alpha F_hat^{-1} grad h`` in the KFC layers, ``-alpha grad h`` elsewhere."""
+        updates = self._directions()
         for group in self.param_groups:
-            if group["layer"] is None or not self.precondition_enabled:
-                for p in group["params"]:
-                    updates[p] = self._gradient_of_h(p, self._decay_of(group, p)).mul(-group["lr"])
-                continue
-            module = self.blocks[group["layer"]].module
-            weight_grad = self._gradient_of_h(module.weight, self._decay_of(group, module.weight))
-            bias_grad = None
-            if module.bias is not None:
-                bias_grad = self._gradient_of_h(module.bias, self._decay_of(group, module.bias))
-            combined[group["layer"]] = self.blocks[group["layer"]].combine(weight_grad, bias_grad)
-        if combined:
-            preconditioned = self.curvature.precondition(combined)
-            for group in self.param_groups:
-                name = group["layer"]
-                if name is None or name not in preconditioned:
-                    continue
-                module = self.blocks[name].module
-                d_weight, d_bias = self.blocks[name].split(preconditioned[name])
-                updates[module.weight] = d_weight.mul_(-group["lr"])
-                if module.bias is not None and d_bias is not None:
-                    updates[module.bias] = d_bias.mul_(-group["lr"])
+            for p in group["params"]:
+                updates[p].mul_(-group["lr"])
         return updates
 
     def _clip(self, inputs: Tensor, updates: dict[Tensor, Tensor]) -> tuple[Tensor | None, Tensor | None]:
@@ -360,65 +237,9 @@ class KFCPre(torch.optim.Optimizer):
             torch._foreach_mul_(list(updates.values()), scale)
         return nu, scale
 
-    def _apply_momentum(self, updates: dict[Tensor, Tensor]) -> None:
-        """Phase 4: ``p <- mu p + v``, ``theta <- theta + p``."""
-        params = list(updates)
-        buffers = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffers.append(state["momentum_buffer"])
-        momentum = self.param_groups[0]["momentum"]
-        torch._foreach_mul_(buffers, momentum)
-        torch._foreach_add_(buffers, list(updates.values()))
-        torch._foreach_add_(params, buffers)
-
     def _nu(self, inputs: Tensor, updates: dict[Tensor, Tensor]) -> Tensor:
         """``v^T F v + sum lambda |v|^2`` with the exact Fisher of the first ``nu_fraction`` of the batch."""
         count = subset_size(self.nu_fraction, inputs.shape[0])
-        tangents = {self._param_names[id(p)]: v for p, v in updates.items()}
-        with self.recorder.paused(), torch.enable_grad():
-            quadratic = fisher_quadratic(self.model, inputs[:count], tangents)
-        decay_terms = [
-            self._decay_of(group, p) * updates[p].square().sum()
-            for group in self.param_groups
-            for p in group["params"]
-            if self._decay_of(group, p)
-        ]
-        return quadratic + torch.stack(decay_terms).sum() if decay_terms else quadratic
-
-    # -- evaluation, logging, state --------------------------------------------------------------
-    @contextmanager
-    def averaged_parameters(self) -> Iterator[None]:
-        """Load the averaged iterates into the parameters inside the ``with`` block."""
-        with self.averaging.swapped_in(self._params(), self.iteration):
-            yield
-
-    def step_stats(self) -> dict[str, Tensor | float]:
-        """Last step's ``damping``, ``pi_mean``, ``nu``, ``clip_factor``, non-finite counts and phase times.
-
-        ``stats_nonfinite``/``inverse_nonfinite``: layers whose last statistics estimate /
-        last factors were non-finite (and were skipped / kept their previous inverse).
-        Values are tensors where they come from the device; reading them syncs, so call
-        this only when logging.
-        """
-        return {**self._last_stats, **self._health, **self.phase_times}
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["iteration"] = self.iteration
-        state["curvature"] = self.curvature.state_dict()
-        state["generator"] = self.generator.get_state()
-        state["phase_times"] = self.timer.state_dict()
-        state["pi_mean"] = self._pi_mean
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        self.iteration = int(state_dict.pop("iteration"))
-        self.curvature.load_state_dict(state_dict.pop("curvature"))
-        self.generator.set_state(state_dict.pop("generator"))
-        self.timer.load_state_dict(state_dict.pop("phase_times", {}))
-        self._pi_mean = state_dict.pop("pi_mean", None)
-        super().load_state_dict(state_dict)
+        quadratic = self._fisher_gram(inputs[:count], [updates])[0, 0]
+        decay = self._decay_form(updates, updates)
+        return quadratic + decay if decay is not None else quadratic
