@@ -24,7 +24,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,7 +269,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(inputs), labels)
         loss.backward()
-        self.optimizer.step(inputs=inputs, targets=labels if self.optimizer.needs_labels else None)
+        closure = _loss_closure(self.model, inputs, labels) if self.optimizer.needs_closure else None
+        self.optimizer.step(closure, inputs=inputs, targets=labels if self.optimizer.needs_labels else None)
         if self.cfg.model.max_norm is not None:
             apply_max_norm(self.model, self.cfg.model.max_norm)
         self.clock.stop()
@@ -365,6 +366,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     row = trainer.fit()
     print(trainer.summary_line(), flush=True)
     return row
+
+
+def _loss_closure(
+    model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """The mini-batch's mean loss at the model's current parameters (K-FAC evaluates it after its update)."""
+    return lambda: F.cross_entropy(model(inputs), labels)
 
 
 def _check_finite(

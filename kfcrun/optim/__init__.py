@@ -1,16 +1,18 @@
-"""Optimizers as ``torch.optim.Optimizer`` subclasses: SGD (the paper's baseline) and KFC-pre.
+"""Optimizers as ``torch.optim.Optimizer`` subclasses: SGD (the paper's baseline), KFC-pre and K-FAC.
 
-Both implement :class:`~kfcrun.optim.protocol.TrainingOptimizer`, the small protocol the
+All implement :class:`~kfcrun.optim.protocol.TrainingOptimizer`, the small protocol the
 training loop uses (initialize, step with the mini-batch, averaged parameters, stats).
 """
 
 from kfcrun.optim.averaging import IterateAveraging, averaging_decay
+from kfcrun.optim.kfac import KFAC
 from kfcrun.optim.kfc_pre import KFCPre
 from kfcrun.optim.param_groups import build_param_groups, layer_weight_decays, weight_layers
 from kfcrun.optim.protocol import TrainingOptimizer
 from kfcrun.optim.sgd import SGD
 
 __all__ = [
+    "KFAC",
     "SGD",
     "IterateAveraging",
     "KFCPre",
@@ -20,4 +22,3 @@ __all__ = [
     "layer_weight_decays",
     "weight_layers",
 ]
-
