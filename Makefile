@@ -26,13 +26,16 @@ test-slow: setup  ## run the slow tests (real CIFAR-10 training, minutes)
 test-gpu: setup  ## run the tests that need a CUDA device
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
-lint: setup  ## ruff
+lint: setup  ## ruff check, ruff format --check, import-linter contracts, mypy
 	$(BIN)/ruff check kfcrun tests scripts
+	$(BIN)/ruff format --check kfcrun tests scripts
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: setup  ## step-time benchmark: SGD vs KFC-pre (writes outputs/bench_step.json)
 	$(BIN)/python scripts/bench_step.py
 
-reproduce-cpu: setup  ## CPU-sized reproduction on ../shared/data/cifar10 (about an hour)
+reproduce-cpu: setup  ## CPU-sized reproduction on data/cifar10 or KFCRUN_CIFAR10_DIR (about an hour)
 	bash scripts/reproduce_cpu.sh
 
 clean:  ## remove build artifacts (keeps .venv and outputs/)

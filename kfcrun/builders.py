@@ -56,9 +56,10 @@ OPTIMIZER_SUPPLIED = ("model", "avg_decay", "seed", "record_inputs")
 def _target(section: str, node: Mapping[str, Any]) -> Callable[..., Any]:
     path = node.get("_target_")
     if not isinstance(path, str):
+        runner_keys = MODEL_RUNNER_KEYS if section == "model" else OPTIMIZER_RUNNER_KEYS
         raise ConfigError(
             f"config error: {section}._target_ is missing; allowed: the import path of a builder, e.g. "
-            f"{MODEL_RUNNER_KEYS['_target_'].example if section == 'model' else OPTIMIZER_RUNNER_KEYS['_target_'].example}; "
+            f"{runner_keys['_target_'].example}; "
             f"fix: use a {section} config from configs/{section}/"
         )
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ LAST_CHECKPOINT = "last.pt"
 
 
 def checkpoint_path(run_dir: str | Path) -> Path:
+    """Where a run directory keeps its checkpoint: ``<run_dir>/checkpoints/last.pt``."""
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
 
 
@@ -34,8 +36,15 @@ def find_checkpoint(path: str | Path) -> Path | None:
     return target if target.is_file() else None
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """``torch.save`` to ``path`` atomically (temp file, fsync, rename)."""
+def save_checkpoint(
+    path: str | Path, payload: dict[str, Any], companions: Mapping[Path, str] | None = None
+) -> None:
+    """``torch.save`` to ``path`` atomically (temp file, fsync, rename).
+
+    ``companions`` maps other files to their new text (the run's ``config.yaml``): they are
+    written and flushed first and renamed right after the checkpoint, so that only a kill
+    between two consecutive renames can leave them describing the previous checkpoint.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -43,10 +52,28 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
+    staged = [(_stage_text(target, text), Path(target)) for target, text in (companions or {}).items()]
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    for staged_file, target in staged:
+        os.replace(staged_file, target)
+    for folder in {path.parent, *(target.parent for _, target in staged)}:
+        _fsync_dir(folder)  # make the renames themselves durable
+
+
+def _stage_text(target: Path, text: str) -> Path:
+    """Write ``text`` to a temp file beside ``target`` and flush it to disk; returns the temp file."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
+        os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
@@ -82,6 +109,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global RNG states captured by :func:`rng_state` (CUDA only where available)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -7,7 +7,8 @@ value stops the run with ONE line, e.g.::
 
 The rules are not written here: each section's knobs are declared once, beside the code
 that uses them (:mod:`kfcrun.schema`): the top level, ``trainer`` and ``logger`` in
-:mod:`kfcrun.settings`, ``dataset`` in :class:`kfcrun.data.DatasetConfig`, ``model`` and
+:mod:`kfcrun.settings`, ``divergence`` in :class:`kfcrun.divergence.DivergenceSettings`,
+``dataset`` in :class:`kfcrun.data.DatasetConfig`, ``model`` and
 ``optimizer`` in the annotated signature of the constructor their ``_target_`` names
 (:mod:`kfcrun.builders`), ``assumptions`` in :class:`kfcrun.studies.assumptions.AssumptionSettings`.
 This module only walks the config and words the errors; the relations between keys
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
 from kfcrun.builders import model_rules, optimizer_rules
 from kfcrun.data import DatasetConfig
+from kfcrun.divergence import DivergenceSettings
 from kfcrun.errors import ConfigError
 from kfcrun.schema import Rule, rules_of, show
 from kfcrun.settings import LoggerSettings, RunSettings, TrainerSettings
@@ -58,13 +60,18 @@ def rules_for(cfg: Mapping[str, Any]) -> dict[str, Rule]:
         **optimizer_rules(cfg.get("optimizer") or {}),
         **rules_of(TrainerSettings, "trainer."),
         **rules_of(LoggerSettings, "logger."),
+        **rules_of(DivergenceSettings, "divergence."),
         **rules_of(AssumptionSettings, "assumptions."),
     }
 
 
 def validate_config(cfg: DictConfig | Mapping[str, Any]) -> None:
     """Raise :class:`ConfigError` (one line) for the first invalid, missing or unknown key."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    container: dict[str, Any] = (
+        cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
+        if isinstance(cfg, DictConfig)
+        else dict(cfg)
+    )
     container.pop("hydra", None)
     values = _flatten(container)
     rules = rules_for(container)
@@ -114,16 +121,17 @@ def _validate_relations(values: Mapping[str, Any]) -> None:
             "fix: +dataset.num_train=2048"
         )
     if values["task"] == "train" and values["resume"] is not None:
-        _require_run_dir("resume", values["resume"])
+        require_run_dir("resume", values["resume"])
     if values["task"] == "assumptions" and values["checkpoint"] is None and values["resume"] is None:
         pass  # the assumptions task trains a network first when no checkpoint is given
     if values["checkpoint"] is not None:
-        _require_run_dir("checkpoint", values["checkpoint"])
+        require_run_dir("checkpoint", values["checkpoint"])
     if values["task"] == "assumptions" and values.get("assumptions.checkpoint_avg") is not None:
-        _require_run_dir("assumptions.checkpoint_avg", values["assumptions.checkpoint_avg"])
+        require_run_dir("assumptions.checkpoint_avg", values["assumptions.checkpoint_avg"])
 
 
-def _require_run_dir(key: str, value: str) -> None:
+def require_run_dir(key: str, value: str) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a run directory with a checkpoint (or such a file)."""
     from kfcrun.checkpoint import checkpoint_path, find_checkpoint
 
     if find_checkpoint(value) is None:

@@ -154,8 +154,7 @@ def mapping_of_numbers(example: str) -> Rule:
     """A mapping from names (e.g. layers) to numbers ``>= 0``; its keys are not schema keys."""
     return Rule(
         "a mapping from layer name to a number >= 0",
-        lambda v: v is None
-        or (isinstance(v, Mapping) and all(_is_number(x) and x >= 0 for x in v.values())),
+        lambda v: v is None or (isinstance(v, Mapping) and all(_is_number(x) and x >= 0 for x in v.values())),
         example,
     )
 
@@ -201,7 +200,10 @@ def period(example: str, optional: bool = False) -> Rule:
 
 
 def parse_period(value: int | str, batches_per_epoch: int) -> int:
-    """Iterations of a :func:`period` value: ints as they are, ``"<x>epoch"`` as ``max(1, round(x * epoch))``."""
+    """Iterations of a :func:`period` value.
+
+    Ints are taken as they are, ``"<x>epoch"`` becomes ``max(1, round(x * batches_per_epoch))``.
+    """
     if _is_int(value):
         return int(value)
     m = _PERIOD.match(str(value))
@@ -231,7 +233,9 @@ def _annotated_rule(annotation: Any) -> Rule | None:
     return None
 
 
-def rules_of(target: Callable[..., Any] | type, prefix: str = "", skip: Iterable[str] = ()) -> dict[str, Rule]:
+def rules_of(
+    target: Callable[..., Any] | type, prefix: str = "", skip: Iterable[str] = ()
+) -> dict[str, Rule]:
     """``{prefix + name: Rule}`` for every argument (or dataclass field) of ``target`` annotated with a rule.
 
     For a class, the arguments of its ``__init__`` (or its dataclass fields) are read;
@@ -242,7 +246,8 @@ def rules_of(target: Callable[..., Any] | type, prefix: str = "", skip: Iterable
         hints = typing.get_type_hints(target, include_extras=True)
         names = [f.name for f in dataclasses.fields(target)]
     else:
-        fn = target.__init__ if isinstance(target, type) else target
+        # mypy flags __init__ read off a class object as unsound; here its signature is the point.
+        fn = target.__init__ if isinstance(target, type) else target  # type: ignore[misc]
         hints = typing.get_type_hints(fn, include_extras=True)
         names = list(inspect.signature(fn).parameters)
     rules = {}

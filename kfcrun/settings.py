@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Annotated, Any
 
-from kfcrun.schema import boolean, choice, device_rule, integer, number, parse_period, period, text
+from kfcrun.schema import boolean, choice, device_rule, integer, list_of, number, parse_period, period, text
 
 __all__ = ["LoggerSettings", "RunSettings", "TrainerSettings", "from_section"]
 
@@ -46,17 +46,32 @@ class TrainerSettings:
     Iterations are optimizer updates (mini-batches). ``eval_every`` and
     ``checkpoint_every`` are periods: an int counts iterations, ``"<x>epoch"`` counts
     epochs and keeps its meaning when ``batch_size`` changes (:meth:`iterations`).
+    ``max_train_seconds`` stops the run once that much training time (``train_time_s``) is
+    used, a time budget on top of the iteration budget (the stop iteration then depends on
+    the machine's speed). ``test_eval_size`` evaluates on a fixed random subset of the test set
+    (``null``: all of it).
+    ``lr_schedule`` (``constant``, ``cosine``, ``step`` with ``lr_milestones`` as fractions
+    of the run and ``lr_decay``) scales the optimizer's learning rate per iteration
+    (:mod:`kfcrun.optim.lr_schedule`).
     """
 
     batch_size: Annotated[int, integer(1, "128")] = 128
     max_iters: Annotated[int | None, integer(1, "1000", optional=True)] = 1000
     max_epochs: Annotated[float | None, number("10", gt=0, optional=True)] = None
+    max_train_seconds: Annotated[float | None, number("1200", gt=0, optional=True)] = None
     eval_every: Annotated[int | str, period("500")] = 500
     train_eval_size: Annotated[int, integer(1, "10000")] = 10000
+    test_eval_size: Annotated[int | None, integer(1, "1000", optional=True)] = None
     eval_batch_size: Annotated[int, integer(1, "1000")] = 1000
     eval_current: Annotated[bool, boolean()] = True
     checkpoint_every: Annotated[int | str | None, period("1000", optional=True)] = 1000
     log_every: Annotated[int, integer(1, "10")] = 10
+    lr_schedule: Annotated[str, choice("constant", "cosine", "step")] = "constant"
+    lr_milestones: Annotated[tuple[float, ...], list_of(number("0.5", gt=0, lt=1), "[0.5, 0.75]")] = (
+        0.5,
+        0.75,
+    )
+    lr_decay: Annotated[float, number("0.1", gt=0, le=1)] = 0.1
     device: Annotated[str, device_rule()] = "auto"
     threads: Annotated[int | None, integer(1, "2", optional=True)] = None
     progress: Annotated[bool, boolean()] = True

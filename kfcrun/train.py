@@ -2,7 +2,7 @@
 
 One run (:class:`Trainer`): load the data once as tensors on the device, build the
 network and the optimizer, restore a checkpoint or start fresh, let the optimizer
-initialize (KFC-pre's initial curvature estimate), then iterate
+initialize (KFC-pre's initial curvature estimate), open the run's files, then iterate
 
     batch -> forward -> loss -> backward -> optimizer.step(inputs=..., targets=...)
 
@@ -14,6 +14,13 @@ on the full test set. The optimizer is used only through
 The training clock (``train_time_s``) counts only the training steps: the device is
 synchronized before the clock is read, and data preparation, evaluation, logging and
 checkpointing happen outside the timed region (paper Sec. 5.2 plots against it).
+
+Nothing is lost: a fresh run writes nothing before training starts (a failed start
+leaves no files, :mod:`kfcrun.run_dir`); ``config.yaml`` is rewritten with every
+checkpoint, from the config stored in it (:mod:`kfcrun.resume`); a signal stops the run
+after the current step with a checkpoint (:mod:`kfcrun.signals`); a diverging loss,
+finite or not, stops it without overwriting the last good checkpoint
+(:mod:`kfcrun.divergence`).
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ import json
 import logging
 import math
 import random
+import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,12 +46,16 @@ from tqdm import tqdm
 from kfcrun.builders import build_model, build_optimizer
 from kfcrun.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kfcrun.data import DatasetConfig, DeviceBatches, ImageData, Preprocessor
-from kfcrun.errors import ConfigError, TrainingDivergedError
+from kfcrun.divergence import DivergenceGuard, DivergenceSettings
+from kfcrun.errors import CheckpointError, ConfigError, TrainingDivergedError
 from kfcrun.evaluate import evaluate
-from kfcrun.logging import MetricsLogger, run_record, truncate_metrics, write_json
+from kfcrun.logging import MetricsLogger, read_metrics, run_record, truncate_metrics, write_json
 from kfcrun.optim.constraints import apply_max_norm
+from kfcrun.optim.lr_schedule import apply_lr_factor, lr_factor
 from kfcrun.optim.protocol import TrainingOptimizer
+from kfcrun.resume import config_file, config_text, write_config
 from kfcrun.settings import LoggerSettings, TrainerSettings, from_section
+from kfcrun.signals import GracefulStop, RunInterrupted, signal_name
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +71,12 @@ class Clock:
     _start: float | None = field(default=None, repr=False)
 
     def start(self) -> None:
+        """Start timing a step, after waiting for queued device work."""
         synchronize(self.device)
         self._start = time.perf_counter()
 
     def stop(self) -> None:
+        """Wait for the device, then add the seconds since :meth:`start` to ``total_s``."""
         synchronize(self.device)
         assert self._start is not None, "Clock.stop() without start()"
         self.total_s += time.perf_counter() - self._start
@@ -115,15 +129,26 @@ def total_iterations(cfg: DictConfig, batches_per_epoch: int) -> int:
 
 
 class Trainer:
-    """One training run, as named phases: :meth:`setup`, :meth:`restore_or_start`,
-    :meth:`initialize_optimizer`, then :meth:`fit` (steps, logging, evaluation, checkpoints).
+    """One training run, as named phases.
+
+    The phases are :meth:`setup`, :meth:`restore_or_start`, :meth:`initialize_optimizer`,
+    :meth:`open_run_files`, then :meth:`fit` (steps, logging, evaluation, checkpoints).
 
     Args:
         cfg: the validated run config.
         run_dir: where everything is written.
+        stop: the run's signal handlers (:class:`~kfcrun.signals.GracefulStop`, entered by
+            the caller); ``None``: signals are not handled here.
+        resume_overrides: for a resumed run, the command's overrides (recorded in ``run.json``).
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: str | Path) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: str | Path,
+        stop: GracefulStop | None = None,
+        resume_overrides: Sequence[str] = (),
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.settings: TrainerSettings = from_section(TrainerSettings, cfg.trainer)
@@ -132,10 +157,15 @@ class Trainer:
         self.clock = Clock(self.device)
         self.iteration = 0
         self.resumed = cfg.resume is not None
+        self.resume_overrides = list(resume_overrides)
         self.checkpoint_file = checkpoint_path(self.run_dir)
         self.last_checkpoint: tuple[int, Path] | None = None
         self.last_row: dict[str, Any] = {}
         self.wall_start = time.perf_counter()
+        self.stop = stop if stop is not None else GracefulStop()
+        self.guard = DivergenceGuard(
+            from_section(DivergenceSettings, cfg.get("divergence") or {}), self._where_and_fix
+        )
 
     # -- phase 1: data, network, optimizer --------------------------------------------------------
     def setup(self) -> None:
@@ -147,57 +177,84 @@ class Trainer:
 
         data = load_data(cfg)
         self.data = data
+        if settings.batch_size > len(data.train_images):
+            raise ConfigError(
+                f"config error: trainer.batch_size={settings.batch_size} is larger than the "
+                f"{len(data.train_images)} training examples of {data.source}; allowed: at most "
+                f"{len(data.train_images)}; fix: e.g. trainer.batch_size={min(128, len(data.train_images))}"
+            )
         self.preprocess: Preprocessor = dataset_config(cfg).preprocessor(data.train_images).to(device)
         self.batches = DeviceBatches(
             data.train_images.to(device), data.train_labels.to(device), settings.batch_size, seed=cfg.seed
         )
         subset = torch.randperm(len(data.train_images), generator=torch.Generator().manual_seed(cfg.seed))
         subset = subset[: settings.train_eval_size]
+        test = torch.arange(len(data.test_images))
+        if settings.test_eval_size is not None:  # a fixed random subset, for CPU-sized runs
+            test = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed + 2))
+            test = test[: settings.test_eval_size]
         self.eval_sets = {
             "train": (data.train_images[subset].to(device), data.train_labels[subset].to(device)),
-            "test": (data.test_images.to(device), data.test_labels.to(device)),
+            "test": (data.test_images[test].to(device), data.test_labels[test].to(device)),
         }
         epoch = self.batches.batches_per_epoch
         self.max_iters = total_iterations(cfg, epoch)
         self.eval_every = settings.iterations(settings.eval_every, epoch)
         self.checkpoint_every = (
-            None if settings.checkpoint_every is None else settings.iterations(settings.checkpoint_every, epoch)
+            None
+            if settings.checkpoint_every is None
+            else settings.iterations(settings.checkpoint_every, epoch)
         )
 
+        self.augment = dataset_config(cfg).augmentation(cfg.seed)
         self.model = build_model(cfg.model, cfg.dataset).to(device)
         self.optimizer: TrainingOptimizer = build_optimizer(
             cfg.optimizer, self.model, settings.batch_size, seed=cfg.seed
         )
+        if settings.lr_schedule != "constant" and not getattr(self.optimizer, "supports_lr_schedule", True):
+            raise ConfigError(
+                f"config error: trainer.lr_schedule={settings.lr_schedule} but optimizer "
+                f"{cfg.optimizer.name} adapts its own step size; allowed: constant; "
+                "fix: trainer.lr_schedule=constant"
+            )
 
     # -- phase 2: resume, or start fresh --------------------------------------------------------
     def restore_or_start(self) -> None:
-        """Load the last checkpoint of ``cfg.resume``, or create the run directory and its ``config.yaml``."""
-        cfg = self.cfg
-        if self.resumed:
-            state = load_checkpoint(self.checkpoint_file, map_location=self.device)
+        """Load the last checkpoint of ``cfg.resume``; a fresh run starts at 0 and writes nothing yet.
+
+        ``config.yaml`` is rewritten from the checkpoint's own config, so that it describes
+        the state the run continues from even if an earlier process died between writing
+        the checkpoint and ``config.yaml``.
+        """
+        if not self.resumed:
+            return
+        state = load_checkpoint(self.checkpoint_file, map_location=self.device)
+        try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.batches.load_state_dict(state["batches"])
-            self.iteration, self.clock.total_s = state["iteration"], state["train_time_s"]
-            set_rng_state(state["rng"])
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.iteration)
-            self.last_checkpoint = (self.iteration, self.checkpoint_file)
-            log.info(
-                "resuming %s at iteration %d (%.1f s of training)", self.run_dir, self.iteration, self.clock.total_s
-            )
-        else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        record = run_record(
-            self.device,
-            {"run_dir": str(self.run_dir.resolve()), "max_iters": self.max_iters, "data": self.data.source},
-        )
-        _update_run_json(self.run_dir, record, resumed=self.resumed, iteration=self.iteration)
-        self.logger = MetricsLogger(
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint_file} does not fit this run's config ({first[:200]}); "
+                "fix: resume without the overrides that change the network or the optimizer"
+            ) from err
+        self.batches.load_state_dict(state["batches"])
+        self.iteration, self.clock.total_s = state["iteration"], state["train_time_s"]
+        set_rng_state(state["rng"])
+        self.guard.load_state_dict(state.get("divergence", {}))
+        if isinstance(state.get("config"), dict):
+            write_config(self.run_dir, state["config"])
+        metrics = self.run_dir / "metrics.jsonl"
+        truncate_metrics(metrics, self.iteration)
+        rows = read_metrics(metrics) if metrics.exists() else []
+        self.last_row = rows[-1] if rows else {}
+        self.last_checkpoint = (self.iteration, self.checkpoint_file)
+        self._remember_checkpoint()
+        log.info(
+            "resuming %s at iteration %d (%.1f s of training)",
             self.run_dir,
-            start_walltime=time.time() - self.clock.total_s,
-            purge_step=self.iteration + 1 if self.resumed else None,
-            tensorboard=self.logger_settings.tensorboard,
+            self.iteration,
+            self.clock.total_s,
         )
 
     # -- phase 3: the optimizer's own initialization (on the training clock) --------------------
@@ -210,25 +267,70 @@ class Trainer:
         self.wall_start = time.perf_counter()
         if self.iteration != 0 or self.optimizer.init_examples <= 0:
             return
-        self.clock.start()
-        self.optimizer.initialize(self._initial_batches())
-        self.clock.stop()
+        count = min(self.optimizer.init_examples, len(self.data.train_images))
+        with tqdm(
+            total=count,
+            unit="img",
+            desc="initial curvature estimate",
+            disable=not self.settings.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        ) as bar:
+            self.clock.start()
+            self.optimizer.initialize(self._initial_batches(count, bar))
+            self.clock.stop()
         log.info("estimated initial curvature factors in %.1f s", self.clock.total_s)
 
-    def _initial_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(inputs, labels)`` batches of a fixed random training subset (seeded apart from the data order)."""
+    def _initial_batches(self, count: int, bar: tqdm) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(inputs, labels)`` batches of a fixed random training subset.
+
+        The subset is drawn with its own seed (``seed + 1``), apart from the data order.
+        """
         images, labels = self.data.train_images, self.data.train_labels
-        count = min(self.optimizer.init_examples, len(images))
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed + 1))[:count]
+        generator = torch.Generator().manual_seed(self.cfg.seed + 1)
+        order = torch.randperm(len(images), generator=generator)[:count]
         size = self.settings.batch_size
         for start in range(0, count, size):
             idx = order[start : start + size]
             yield self.preprocess(images[idx].to(self.device)), labels[idx].to(self.device)
+            bar.update(len(idx))  # after the optimizer has used the batch
 
-    # -- phase 4: the loop ------------------------------------------------------------------------
+    # -- phase 4: the run's files ---------------------------------------------------------------
+    def open_run_files(self) -> None:
+        """Create the run's files: ``config.yaml`` (fresh runs), ``run.json``, the metrics logger.
+
+        This is the first write of a fresh run: everything before it can fail without
+        leaving files behind. A resume appends its overrides to ``run.json``.
+        """
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.resumed:
+            write_config(self.run_dir, self._config())
+        record = run_record(
+            self.device,
+            {"run_dir": str(self.run_dir.resolve()), "max_iters": self.max_iters, "data": self.data.source},
+        )
+        _update_run_json(
+            self.run_dir,
+            record,
+            resumed=self.resumed,
+            iteration=self.iteration,
+            overrides=self.resume_overrides,
+        )
+        self.logger = MetricsLogger(
+            self.run_dir,
+            start_walltime=time.time() - self.clock.total_s,
+            purge_step=self.iteration + 1 if self.resumed else None,
+            tensorboard=self.logger_settings.tensorboard,
+        )
+
+    # -- phase 5: the loop ------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to ``max_iters``: steps, then logging, evaluation and checkpoints when due."""
+        """Train to ``max_iters``: steps, then logging, evaluation and checkpoints when due.
+
+        A signal (:attr:`stop`) ends the loop after the current step with a checkpoint.
+        """
         self.model.train()
+        self.stop.arm()
         recent_losses: list[torch.Tensor] = []
         bar = tqdm(
             total=self.max_iters,
@@ -239,15 +341,16 @@ class Trainer:
             desc=self.cfg.name,
         )
         try:
-            while self.iteration < self.max_iters:
+            while self.iteration < self.max_iters and not self.out_of_time():
                 loss = self.train_step()
                 recent_losses.append(loss)
-                eval_due = self.iteration % self.eval_every == 0 or self.iteration == self.max_iters
+                last = self.iteration == self.max_iters or self.out_of_time()
+                eval_due = self.iteration % self.eval_every == 0 or last
                 ckpt_due = self.checkpoint_every is not None and (
-                    self.iteration % self.checkpoint_every == 0 or self.iteration == self.max_iters
+                    self.iteration % self.checkpoint_every == 0 or last
                 )
                 if self.iteration % self.settings.log_every == 0 or eval_due or ckpt_due:
-                    self.log_steps(torch.stack(recent_losses), bar)
+                    self.log_steps(torch.stack(recent_losses), bar, final=self.iteration == self.max_iters)
                     recent_losses.clear()
                 if eval_due:
                     self.last_row = self.evaluation_row()
@@ -256,15 +359,34 @@ class Trainer:
                 if ckpt_due:
                     self.checkpoint()
                 bar.update(1)
+                if self.stop.requested is not None and self.iteration < self.max_iters:
+                    self._stop_on_signal(self.stop.requested)  # (at the last step the run just ends)
         finally:
             bar.close()
             self.logger.close()
         return self.last_row
 
+    def out_of_time(self) -> bool:
+        """Whether ``trainer.max_train_seconds`` of training time are used up (a time budget)."""
+        budget = self.settings.max_train_seconds
+        return budget is not None and self.clock.total_s >= budget
+
     def train_step(self) -> torch.Tensor:
         """One timed update; returns the mini-batch loss (on the device, no sync)."""
         images, labels = next(self.batches)
+        if self.augment is not None:  # a pure function of (seed, iteration): resumes bitwise
+            images = self.augment(images, self.iteration + 1)
         inputs = self.preprocess(images)  # data preparation stays off the training clock
+        settings = self.settings
+        if settings.lr_schedule != "constant":
+            factor = lr_factor(
+                settings.lr_schedule,
+                self.iteration + 1,
+                self.max_iters,
+                settings.lr_milestones,
+                settings.lr_decay,
+            )
+            apply_lr_factor(self.optimizer, factor)  # type: ignore[arg-type]
         self.clock.start()
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(inputs), labels)
@@ -277,9 +399,12 @@ class Trainer:
         self.iteration += 1
         return loss.detach()
 
-    def log_steps(self, losses: torch.Tensor, bar: tqdm) -> None:
-        """Check the recent losses are finite, and log them with the optimizer's step statistics."""
-        _check_finite(losses, self.iteration, self.last_checkpoint, self.cfg)
+    def log_steps(self, losses: torch.Tensor, bar: tqdm, final: bool = False) -> None:
+        """Check the recent losses and log them with the optimizer's step statistics.
+
+        The check is :class:`~kfcrun.divergence.DivergenceGuard`'s; ``final``: these are the run's last steps.
+        """
+        self.guard.observe(losses, self.iteration, final=final)
         self.logger.scalars(
             {
                 "train/batch_loss": losses.mean(),
@@ -321,15 +446,27 @@ class Trainer:
             out.update({f"{split}/{key}{suffix}": value for key, value in metrics.items()})
         return out
 
-    def checkpoint(self) -> None:
-        """Write ``checkpoints/last.pt`` atomically, unless the parameters already diverged."""
-        cfg = self.cfg
+    def checkpoint(self) -> bool:
+        """Write ``checkpoints/last.pt`` atomically, then ``config.yaml`` from the config stored in it.
+
+        Not while the loss is above the divergence threshold (the last good checkpoint
+        stays); never with non-finite parameters. Returns whether a checkpoint was written.
+        """
         # Never overwrite the last good checkpoint with parameters that already diverged.
         if not bool(torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()):
             raise TrainingDivergedError(
-                f"parameters became non-finite by iteration {self.iteration}; "
-                f"{_where(self.last_checkpoint)}; fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
+                f"parameters became non-finite by iteration {self.iteration}; {self._where_and_fix()}"
             )
+        if self.guard.suspect:
+            log.warning(
+                "no checkpoint at iteration %d: the training loss (%.4g) is above the divergence threshold; "
+                "%s",
+                self.iteration,
+                self.guard.last_mean,
+                _where(self.last_checkpoint),
+            )
+            return False
+        config = self._config()
         save_checkpoint(
             self.checkpoint_file,
             {
@@ -339,31 +476,87 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "batches": self.batches.state_dict(),
                 "rng": rng_state(),
-                "config": OmegaConf.to_container(cfg, resolve=True),
+                "divergence": self.guard.state_dict(),
+                "config": config,
             },
+            # renamed right after the checkpoint; a resume rewrites it from the checkpoint's config
+            companions={config_file(self.run_dir): config_text(config)},
         )
         self.last_checkpoint = (self.iteration, self.checkpoint_file)
+        self._remember_checkpoint()
+        return True
+
+    def _config(self) -> dict[str, Any]:
+        """The run's config as plain data, interpolations resolved (what ``config.yaml`` holds)."""
+        return cast("dict[str, Any]", OmegaConf.to_container(self.cfg, resolve=True))
+
+    def resume_command(self) -> str:
+        """The command that continues this run."""
+        return f"kfcrun resume={shlex.quote(str(self.run_dir))}"
+
+    def _remember_checkpoint(self) -> None:
+        """Tell the signal handler what is on disk (a second signal reports it)."""
+        self.stop.on_disk = f"{_where(self.last_checkpoint)}; resume with: {self.resume_command()}"
+
+    def _where_and_fix(self) -> str:
+        """The last good checkpoint, and what to change (for divergence messages)."""
+        cfg = self.cfg
+        return (
+            f"{_where(self.last_checkpoint)}; fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
+        )
+
+    def _stop_on_signal(self, signum: int) -> None:
+        """After the step a signal interrupted: checkpoint, then stop with one line (exit 128 + signum)."""
+        name = signal_name(signum)
+        if self.guard.suspect:
+            saved = (
+                "no checkpoint written: the training loss is above the divergence threshold; "
+                f"{_where(self.last_checkpoint)}"
+            )
+        else:
+            self.checkpoint()
+            saved = f"checkpoint {self.checkpoint_file} written"
+        self.logger.close()
+        self.stop.finish()  # a launcher's own handler (submitit's requeue) may exit here
+        raise RunInterrupted(
+            f"stopped by {name} at iteration {self.iteration} of {self.max_iters}; {saved}; "
+            f"resume with: {self.resume_command()}",
+            signum,
+        )
 
     # -- the end ----------------------------------------------------------------------------------
     def summary_line(self) -> str:
-        """The one line printed when the run is done."""
+        """The one line printed when the run is done: averaged (reported) and current parameters."""
         cfg, row, it = self.cfg, self.last_row, self.iteration
         per_iter = self.clock.total_s / max(it, 1)
+        current = ""
+        if "test/error_current" in row:
+            current = (
+                f"; current parameters: train error {_pct(row.get('train/error_current'))}, "
+                f"test error {_pct(row.get('test/error_current'))}, "
+                f"test NLL {_num(row.get('test/nll_current'))}"
+            )
         return (
             f"kfcrun: {cfg.name} done: {it} iterations ({it * self.settings.batch_size:,} examples) "
             f"in {self.clock.total_s:.1f} s of training ({per_iter:.3f} s/iter); averaged parameters: "
             f"train error {_pct(row.get('train/error'))}, test error {_pct(row.get('test/error'))}, "
-            f"test NLL {row.get('test/nll', float('nan')):.3f}; outputs in {self.run_dir}"
+            f"test NLL {_num(row.get('test/nll'))}{current}; outputs in {self.run_dir}"
         )
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train as ``cfg`` says, writing everything under ``run_dir``; returns the final metrics row."""
-    trainer = Trainer(cfg, run_dir)
-    trainer.setup()
-    trainer.restore_or_start()
-    trainer.initialize_optimizer()
-    row = trainer.fit()
+def train(cfg: DictConfig, run_dir: str | Path, resume_overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train as ``cfg`` says, writing everything under ``run_dir``; returns the final metrics row.
+
+    SIGINT, SIGTERM and SIGUSR2 stop the run gracefully (:mod:`kfcrun.signals`):
+    :class:`~kfcrun.signals.RunInterrupted` is raised after the checkpoint.
+    """
+    with GracefulStop() as stop:
+        trainer = Trainer(cfg, run_dir, stop=stop, resume_overrides=resume_overrides)
+        trainer.setup()
+        trainer.restore_or_start()
+        trainer.initialize_optimizer()
+        trainer.open_run_files()
+        row = trainer.fit()
     print(trainer.summary_line(), flush=True)
     return row
 
@@ -373,21 +566,6 @@ def _loss_closure(
 ) -> Callable[[], torch.Tensor]:
     """The mini-batch's mean loss at the model's current parameters (K-FAC evaluates it after its update)."""
     return lambda: F.cross_entropy(model(inputs), labels)
-
-
-def _check_finite(
-    losses: torch.Tensor, iteration: int, last_checkpoint: tuple[int, Path] | None, cfg: DictConfig
-) -> None:
-    """Stop with one clear line if any recent loss is NaN or infinite."""
-    finite = torch.isfinite(losses)
-    if bool(finite.all()):
-        return
-    first_bad = iteration - len(losses) + 1 + int((~finite).nonzero()[0])
-    value = losses[~finite][0].item()
-    raise TrainingDivergedError(
-        f"training loss became {value} at iteration {first_bad}; {_where(last_checkpoint)}; "
-        f"fix: {_knob(cfg)} (now lr={cfg.optimizer.lr}) and start again"
-    )
 
 
 def _where(last_checkpoint: tuple[int, Path] | None) -> str:
@@ -406,11 +584,22 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
-def _update_run_json(run_dir: Path, record: dict[str, Any], resumed: bool, iteration: int) -> None:
+def _num(value: float | str | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{float(value):.3f}"  # metrics.jsonl spells non-finite values as strings ("inf")
+
+
+def _update_run_json(
+    run_dir: Path, record: dict[str, Any], resumed: bool, iteration: int, overrides: Sequence[str] = ()
+) -> None:
+    """Write ``run.json``; a resume appends ``{at_iter, overrides, ...record}`` to its ``resumes`` list."""
     path = run_dir / "run.json"
     if resumed and path.exists():
         payload = json.loads(path.read_text())
-        payload.setdefault("resumes", []).append({"at_iter": iteration, **record})
+        payload.setdefault("resumes", []).append(
+            {"at_iter": iteration, "overrides": list(overrides), **record}
+        )
     else:
         payload = record
     write_json(path, payload)

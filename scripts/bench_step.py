@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Step-time benchmark: SGD vs KFC-pre vs K-FAC on the cuda-convnet CIFAR-10 network.
+"""Step-time benchmark: SGD vs KFC-pre vs K-FAC on a CIFAR-10 network (cuda-convnet or ResNet-18).
 
 For each batch size, in the same run and on the same device (each method in a fresh process):
 
 * the median time of an SGD step (forward, backward, update, averaging);
-* KFC-pre at the configured ``T_s``/``T_f`` (defaults: those of ``experiment=cifar10_kfc``):
+* KFC-pre at the configured ``T_s``/``T_f`` (defaults: those of the model's KFC experiment,
+  ``cifar10_kfc`` or ``cifar10_resnet18_kfc``):
   the median step, the AMORTIZED step (mean over whole ``lcm(T_s, T_f)`` cycles, which
   is what an epoch costs), and the seconds per step spent in each phase (statistics,
   inverses, preconditioning, ``nu``);
@@ -16,11 +17,14 @@ For each batch size, in the same run and on the same device (each method in a fr
   the process's peak resident set over the model-only baseline, measured in a fresh
   subprocess per configuration).
 
-Inputs are random tensors with the scale of mean-subtracted CIFAR-10 pixels on the
-0-255 scale (std ~60); the timings do not depend on the values. Example::
+The network, the optimizers' settings and the data scale come from the model's two
+experiments (:data:`EXPERIMENTS`). Inputs are random tensors with the scale of the
+experiment's preprocessed pixels (cuda-convnet: mean-subtracted on the 0-255 scale, std
+~60; ResNet-18: standardized, std 1); the timings do not depend on the values. Example::
 
     python scripts/bench_step.py                       # batch 128 and 512, CPU or CUDA
     python scripts/bench_step.py --batch-sizes 512 --stats-fraction 0.5
+    python scripts/bench_step.py --model resnet18 --batch-sizes 128 --cycles 1
 """
 
 from __future__ import annotations
@@ -41,22 +45,33 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from kfcrun.builders import build_optimizer
+from kfcrun.builders import build_model, build_optimizer
 from kfcrun.cli import compose_run_config
-from kfcrun.models import build_model
 from kfcrun.optim.kfc_base import KFCOptimizerBase
 
 #: KFC-pre settings that set its cost (App. A.3), overridable from the command line.
 KFC_KNOBS = ("stats_every", "inverse_every", "stats_fraction", "nu_fraction", "clip")
-#: The experiment whose optimizer settings each method is timed with.
-EXPERIMENTS = {"sgd": "cifar10_sgd", "kfc_pre": "cifar10_kfc", "kfac": "cifar10_kfac"}
+#: model -> the experiment whose settings each method is benchmarked with.
+EXPERIMENTS = {
+    "cuda_convnet": {"sgd": "cifar10_sgd", "kfc_pre": "cifar10_kfc", "kfac": "cifar10_kfac"},
+    "resnet18": {
+        "sgd": "cifar10_resnet18_sgd",
+        "kfc_pre": "cifar10_resnet18_kfc",
+        "kfac": "cifar10_resnet18_kfac",
+    },
+}
+#: Std of the preprocessed pixels each model's experiments feed it.
+INPUT_STD = {"cuda_convnet": 60.0, "resnet18": 1.0}
 #: Columns of the printed table, per method.
 LABELS = {"sgd": "SGD", "kfc_pre": "KFC-pre", "kfac": "K-FAC"}
 
 
 def run_config(optimizer: str, batch: int, opts: dict[str, Any]) -> DictConfig:
-    """The experiment's config (cifar10_sgd/_kfc/_kfac) at this batch size; KFC-pre with the cost knobs."""
-    overrides = [f"experiment={EXPERIMENTS[optimizer]}", f"trainer.batch_size={batch}"]
+    """The model's experiment for ``optimizer`` (SGD, KFC-pre, K-FAC) at this batch size, with cost knobs."""
+    overrides = [
+        f"experiment={EXPERIMENTS[opts['model']][optimizer]}",
+        f"trainer.batch_size={batch}",
+    ]
     if optimizer == "kfc_pre":
         overrides += [f"optimizer.{key}={opts[key]}" for key in KFC_KNOBS]
     return compose_run_config(overrides)
@@ -73,11 +88,12 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
     torch.manual_seed(0)
     if opts.get("threads"):
         torch.set_num_threads(opts["threads"])
-    model = build_model("cuda_convnet").to(device)
+    cfg = run_config(name, batch, opts)
+    model = build_model(cfg.model, cfg.dataset).to(device)
     g = torch.Generator().manual_seed(0)
     data = [
         (
-            torch.randn(batch, 3, 32, 32, generator=g).mul_(60).to(device),
+            torch.randn(batch, 3, 32, 32, generator=g).mul_(INPUT_STD[opts["model"]]).to(device),
             torch.randint(0, 10, (batch,), generator=g).to(device),
         )
         for _ in range(4)
@@ -86,7 +102,7 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    opt = build_optimizer(run_config(name, batch, opts).optimizer, model, batch)
+    opt = build_optimizer(cfg.optimizer, model, batch)
     if isinstance(opt, KFCOptimizerBase):
         opt.initialize([data[0][0]])
 
@@ -139,16 +155,18 @@ def run_isolated(*args: Any) -> dict:
     return result
 
 
-def kfac_cycle(batch: int) -> int:
+def kfac_cycle(batch: int, opts: dict[str, Any]) -> int:
     """Iterations after which every periodic part of K-FAC's step has run: ``lcm(T_s, T_f, T_1, T_2)``."""
-    cfg = run_config("kfac", batch, {}).optimizer
+    cfg = run_config("kfac", batch, opts).optimizer
     periods = [cfg.stats_every, cfg.inverse_every, cfg.lambda_every or 1, cfg.gamma_every or 1]
     return math.lcm(*periods)
 
 
 def main() -> None:
-    defaults = compose_run_config(["experiment=cifar10_kfc"]).optimizer
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(EXPERIMENTS), default="cuda_convnet")
+    known, _ = parser.parse_known_args()
+    defaults = compose_run_config([f"experiment={EXPERIMENTS[known.model]['kfc_pre']}"]).optimizer
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -169,6 +187,7 @@ def main() -> None:
     args = parser.parse_args()
 
     opts = {
+        "model": args.model,
         "stats_every": args.stats_every,
         "inverse_every": args.inverse_every,
         "stats_fraction": args.stats_fraction,
@@ -190,7 +209,7 @@ def main() -> None:
             "ratio_amortized": kfc["mean_s"] / sgd["median_s"],
         }
         if not args.no_kfac:
-            kfac_period = kfac_cycle(batch)
+            kfac_period = kfac_cycle(batch, opts)
             kfac = run_isolated("kfac", batch, args.device, opts, kfac_period * args.cycles, kfac_period)
             row |= {
                 "kfac": kfac,
@@ -206,15 +225,17 @@ def main() -> None:
     print(
         f"device: {args.device} ({device_desc}), torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
+    print(f"model: {args.model} (experiments {', '.join(EXPERIMENTS[args.model].values())})")
     print(
         f"KFC-pre: T_s={args.stats_every} T_f={args.inverse_every} stats_fraction={args.stats_fraction} "
         f"nu_fraction={args.nu_fraction} clip={opts['clip']}"
     )
     if not args.no_kfac:
-        k = run_config("kfac", args.batch_sizes[0], {}).optimizer
+        k = run_config("kfac", args.batch_sizes[0], opts).optimizer
         print(
             f"K-FAC: T_s={k.stats_every} T_f={k.inverse_every} T_1={k.lambda_every} T_2={k.gamma_every} "
-            f"stats_fraction={k.stats_fraction} damping_mode={k.damping_mode} (experiment=cifar10_kfac)"
+            f"stats_fraction={k.stats_fraction} damping_mode={k.damping_mode} "
+            f"(experiment={EXPERIMENTS[args.model]['kfac']})"
         )
     header = (
         f"{'batch':>5} {'method':>8} {'median ms':>10} {'amort. ms':>10} {'x SGD':>6} {'MB':>6}  "

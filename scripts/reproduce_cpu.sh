@@ -20,7 +20,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 KFCRUN="${KFCRUN:-$ROOT/.venv/bin/kfcrun}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
-DATA="${KFCRUN_CIFAR10_DIR:-$ROOT/../shared/data/cifar10}"
+# The data: KFCRUN_CIFAR10_DIR, else data/cifar10 (the default dataset.root), else the
+# developers' shared copy beside the repository.
+DATA="${KFCRUN_CIFAR10_DIR:-$ROOT/data/cifar10}"
+if [ -z "${KFCRUN_CIFAR10_DIR:-}" ] && [ ! -d "$DATA" ] && [ -d "$ROOT/../shared/data/cifar10" ]; then
+  DATA="$ROOT/../shared/data/cifar10"
+fi
 OUT="${OUT:-$ROOT/outputs/reproduce_cpu/$(date +%Y-%m-%d_%H-%M-%S)}"
 SGD_EPOCHS="${SGD_EPOCHS:-40}"     # 15,600 iterations at batch 128
 KFC_EPOCHS="${KFC_EPOCHS:-20}"     # 1,940 iterations at batch 512

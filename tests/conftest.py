@@ -11,11 +11,35 @@ import pytest
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_CIFAR10 = Path(os.environ.get("KFCRUN_CIFAR10_DIR", REPO_ROOT.parent / "shared" / "data" / "cifar10"))
+
+
+def cifar10_image_folder() -> Path:
+    """Where the real-data tests look for the CIFAR-10 image folder (``train/<class>/*.jpg``, ``test/...``).
+
+    ``$KFCRUN_CIFAR10_DIR``, else ``<repo>/data/cifar10`` (the default ``dataset.root``), else
+    the developers' shared copy ``<repo>/../shared/data/cifar10``.
+    """
+    if "KFCRUN_CIFAR10_DIR" in os.environ:
+        return Path(os.environ["KFCRUN_CIFAR10_DIR"])
+    for candidate in (REPO_ROOT / "data" / "cifar10", REPO_ROOT.parent / "shared" / "data" / "cifar10"):
+        if (candidate / "train").is_dir():
+            return candidate
+    return REPO_ROOT / "data" / "cifar10"
+
+
+def cifar10_skip_reason(path: Path) -> str:
+    """Why a real-data test is skipped, and how to run it."""
+    return (
+        f"real CIFAR-10 image folder not found at {path}; to run this test set "
+        "KFCRUN_CIFAR10_DIR=<folder with train/<class>/*.jpg and test/<class>/*.jpg> "
+        "(or put it at data/cifar10)"
+    )
+
+
+SHARED_CIFAR10 = cifar10_image_folder()
 
 requires_shared_cifar10 = pytest.mark.skipif(
-    not (SHARED_CIFAR10 / "train").is_dir(),
-    reason=f"the offline CIFAR-10 image folder is not at {SHARED_CIFAR10} (set KFCRUN_CIFAR10_DIR)",
+    not (SHARED_CIFAR10 / "train").is_dir(), reason=cifar10_skip_reason(SHARED_CIFAR10)
 )
 
 

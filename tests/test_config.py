@@ -8,13 +8,13 @@ import pytest
 
 from kfcrun.cli import _compose, _validate, preflight
 from kfcrun.errors import ConfigError
-from tests.conftest import REPO_ROOT, run_cli
-
-EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml"))
+from tests.conftest import run_cli
+from tests.helpers.configs import EXPERIMENTS
 
 
 def test_experiment_list_is_what_the_issues_ask_for():
     assert {"smoke", "cifar10_sgd", "svhn_sgd", "cifar10_bn_sgd"} <= set(EXPERIMENTS)
+    assert {"cifar10_resnet18_sgd", "cifar10_resnet18_kfc"} <= set(EXPERIMENTS)  # issue 11
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -85,6 +85,17 @@ def test_paper_settings_of_the_baselines():
             ["optimizer=kfc_pre", "optimizer.refresh_until=-1"],
             r"optimizer\.refresh_until=-1 is out of range; allowed: an integer >= 0",
         ),
+        (
+            ["optimizer=kfc_pre", "optimizer.skip_layers=[fc11]"],
+            r"skip_layers entries \['fc11'\] name no module",
+        ),
+        (
+            ["optimizer=kfc_pre", "optimizer.likelihood=poisson"],
+            r"optimizer\.likelihood=poisson is out of range; allowed: one of cross_entropy",
+        ),
+        (["optimizer=kfc_pre", "optimizer.inverse_dtype=float16"], r"optimizer\.inverse_dtype=float16"),
+        (["trainer.lr_schedule=linear"], r"trainer\.lr_schedule=linear"),
+        (["model=torchvision", "model.arch=resnet19"], r"model\.arch=resnet19"),
     ],
 )
 def test_bad_settings_are_refused_with_one_line(overrides, expected):

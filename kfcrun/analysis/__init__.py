@@ -1,4 +1,6 @@
-"""Analysis of finished runs: reads their outputs (``metrics.jsonl``, ``config.yaml``, ``summary.json``, TensorBoard) only.
+"""Analysis of finished runs: reads their outputs only.
+
+The outputs are ``metrics.jsonl``, ``config.yaml``, ``summary.json`` and TensorBoard files.
 
 Nothing here builds or runs a network; studies that do (the assumption study of
 Sec. 5.1, Figs. 1-2) are tasks in :mod:`kfcrun.studies`.

@@ -113,8 +113,11 @@ def _value_text(value: object) -> str:
 
 
 def curve_labels(groups: Sequence[Sequence[Run]]) -> list[str]:
-    """Legend labels: the method ("SGD", "KFC-pre", "+ BN"), then the batch size if the curves
-    differ in it, then (only where labels still collide) the config values that tell them apart."""
+    """Legend labels, one per curve in ``groups``.
+
+    Each label is the method ("SGD", "KFC-pre", "+ BN"), then the batch size if the curves
+    differ in it, then (only where labels still collide) the config values that tell them apart.
+    """
     labels = [g[0].method for g in groups]
     if len({g[0].batch_size for g in groups}) > 1:
         labels = [f"{lab}, batch {g[0].batch_size}" for lab, g in zip(labels, groups, strict=True)]
@@ -144,9 +147,12 @@ def published_error(groups: Sequence[Sequence[Run]], override: float | None = No
 
 
 def resolve_kind(runs: Sequence[Run], kind: str) -> list[str]:
-    """Figure kinds to draw. ``auto``: ``iters`` (Fig. 5) when every run is a large-batch
-    experiment of Sec. 5.3 (its name has a ``bs<N>`` token, e.g. ``cifar10_bs4096_kfc``),
-    else ``time`` (Figs. 3-4). ``both`` draws both."""
+    """Figure kinds to draw for ``kind`` (``time``, ``iters``, ``both`` or ``auto``).
+
+    ``auto``: ``iters`` (Fig. 5) when every run is a large-batch experiment of Sec. 5.3
+    (its name has a ``bs<N>`` token, e.g. ``cifar10_bs4096_kfc``), else ``time``
+    (Figs. 3-4). ``both`` draws both.
+    """
     if kind == "both":
         return ["time", "iters"]
     if kind != "auto":
@@ -310,6 +316,7 @@ def make_figures(
 # CLI
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``make_figures.py`` (run/sweep paths, figure kind, output options)."""
     parser = argparse.ArgumentParser(
         prog="make_figures.py",
         description="Draw the paper's Figs. 3-5 (NLL / error vs training time or iterations) from "

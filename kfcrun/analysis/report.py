@@ -99,8 +99,11 @@ class Pair:
 
 
 def _choose(name: str, runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
-    """The runs of one name to report: all of them if they differ only in seed, else the setting
-    with the lowest mean final training error (noted)."""
+    """The runs of one name to report, and notes on the choice.
+
+    All of them if they differ only in seed, else the setting with the lowest mean final
+    training error (noted).
+    """
     groups = group_seeds(runs)
     if len(groups) == 1:
         return list(groups[0]), []
@@ -376,6 +379,7 @@ def build_report(
 # CLI
 # ---------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``report.py`` (run/sweep paths, error thresholds, pairs, time unit)."""
     parser = argparse.ArgumentParser(
         prog="report.py",
         description="Markdown report of SGD vs KFC-pre vs K-FAC: time and iterations to reach given errors, "

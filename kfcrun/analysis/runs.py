@@ -24,11 +24,14 @@ import statistics
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import OmegaConf
 
 from kfcrun.logging import METRICS_FILE, read_metrics
+
+#: Whatever :func:`group_by` groups (runs, or groups of runs).
+_T = TypeVar("_T")
 
 CONFIG_FILE = "config.yaml"
 ERROR_FILE = "error.txt"
@@ -119,27 +122,32 @@ class Run:
 
     @property
     def seed(self) -> Any:
+        """The config's ``seed`` (``None`` if the config has none)."""
         return self.config.get("seed")
 
     @property
     def optimizer(self) -> str:
+        """The config's ``optimizer.name`` (e.g. ``sgd``, ``kfc_pre``), ``"?"`` if missing."""
         return str(cfg_get(self.config, "optimizer.name", "?"))
 
     @property
     def dataset(self) -> str:
+        """The config's ``dataset.name`` (e.g. ``cifar10``), ``"?"`` if missing."""
         return str(cfg_get(self.config, "dataset.name", "?"))
 
     @property
     def batch_size(self) -> int | None:
+        """The config's ``trainer.batch_size`` (examples per mini-batch), ``None`` if missing."""
         return cfg_get(self.config, "trainer.batch_size")
 
     @property
     def lr(self) -> float | None:
+        """The config's ``optimizer.lr`` (learning rate), ``None`` if missing."""
         return cfg_get(self.config, "optimizer.lr")
 
     @property
     def method(self) -> str:
-        """Display name of the method: "SGD", "KFC-pre" (+ " (SUA)") or "K-FAC", and " + BN" with batch norm."""
+        """Display name of the method: "SGD", "KFC-pre" (+ " (SUA)") or "K-FAC"; " + BN" with batch norm."""
         label = OPTIMIZER_LABELS.get(self.optimizer, self.optimizer)
         if self.optimizer == "kfc_pre" and cfg_get(self.config, "optimizer.approx") == "sua":
             label += " (SUA)"
@@ -277,8 +285,10 @@ def best_run(runs: Sequence[Run], metric: str = "train/error") -> Run:
 
 
 def best_group(groups: Sequence[Sequence[Run]], metric: str = "train/error") -> list[Run]:
-    """The group of seed repetitions with the lowest MEAN final ``metric`` (same ranking rules as
-    :func:`best_run`: groups with a failed run rank last, NaN after numbers)."""
+    """The group of seed repetitions with the lowest MEAN final ``metric``.
+
+    Same ranking rules as :func:`best_run`: groups with a failed run rank last, NaN after numbers.
+    """
     if not groups:
         raise AnalysisError("best_group: no runs to choose from")
 
@@ -286,12 +296,13 @@ def best_group(groups: Sequence[Sequence[Run]], metric: str = "train/error") -> 
         finals = [r.final(metric) for r in group]
         return any(r.error for r in group), _rank(sum(finals) / len(finals))
 
-    return list(min(groups, key=key))
+    best: Sequence[Run] = min(groups, key=key)
+    return list(best)
 
 
-def group_by(runs: Iterable[Run], key: Callable[[Run], Hashable]) -> dict[Hashable, list[Run]]:
-    """Runs grouped by ``key(run)``, groups in order of first appearance."""
-    groups: dict[Hashable, list[Run]] = {}
+def group_by(runs: Iterable[_T], key: Callable[[_T], Hashable]) -> dict[Hashable, list[_T]]:
+    """Runs (or groups of runs) grouped by ``key(run)``, groups in order of first appearance."""
+    groups: dict[Hashable, list[_T]] = {}
     for run in runs:
         groups.setdefault(key(run), []).append(run)
     return groups
@@ -383,26 +394,32 @@ class Summary:
 
     @property
     def count(self) -> int:
+        """Number of runs that reached a value (``len(values)``)."""
         return len(self.values)
 
     @property
     def all_reached(self) -> bool:
+        """Whether there is at least one run and every run reached a value."""
         return self.n > 0 and self.count == self.n
 
     @property
     def mean(self) -> float:
+        """Mean of the reached values (NaN if none)."""
         return statistics.fmean(self.values) if self.values else math.nan
 
     @property
     def std(self) -> float:
+        """Sample standard deviation of the reached values (0 for fewer than two)."""
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
     @property
     def min(self) -> float:
+        """Smallest reached value (NaN if none)."""
         return min(self.values) if self.values else math.nan
 
     @property
     def max(self) -> float:
+        """Largest reached value (NaN if none)."""
         return max(self.values) if self.values else math.nan
 
 

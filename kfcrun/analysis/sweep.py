@@ -65,8 +65,11 @@ class Job:
 
 
 def find_job_dirs(sweep: Path) -> list[Path]:
-    """Job directories below ``sweep``: those holding ``metrics.jsonl``, ``config.yaml``,
-    ``error.txt`` or a ``.hydra/`` directory (natural order, so job 2 precedes job 10)."""
+    """Job directories below ``sweep``, in natural order (so job 2 precedes job 10).
+
+    A job directory is one holding ``metrics.jsonl``, ``config.yaml``, ``error.txt`` or a
+    ``.hydra/`` directory.
+    """
     found: set[Path] = set()
     for marker in (METRICS_FILE, CONFIG_FILE, ERROR_FILE):
         for path in sweep.rglob(marker):
@@ -90,8 +93,11 @@ def _job_overrides(job_dir: Path) -> list[str]:
 
 
 def load_job(job_dir: Path, sweep: Path) -> Job:
-    """One job: its resolved ``config.yaml`` (else the unresolved ``.hydra/config.yaml``, else ``{}``),
-    metrics rows, ``error.txt`` message and overrides."""
+    """One job of ``sweep``, read from ``job_dir``.
+
+    The job holds its resolved ``config.yaml`` (else the unresolved ``.hydra/config.yaml``,
+    else ``{}``), metrics rows, ``error.txt`` message and overrides.
+    """
     config: dict[str, Any] = {}
     for candidate in (job_dir / CONFIG_FILE, job_dir / HYDRA_DIR / CONFIG_FILE):
         if candidate.is_file():
@@ -132,9 +138,12 @@ def varying_overrides(jobs: Sequence[Job]) -> list[list[str]]:
 
 
 def sweep_rows(jobs: Sequence[Job], metric: str = "train/error") -> list[dict[str, Any]]:
-    """One dict per job: ``job``, ``overrides``, ``lr``, ``train_error``, ``train_nll``, ``test_error``,
-    ``iters``, ``train_time_s`` (finals, NaN/None when absent), ``status`` ("ok" or "failed: ..."),
-    ``best`` (lowest final ``metric``) and ``path``."""
+    """One dict per job, the rows of the sweep table.
+
+    Keys: ``job``, ``overrides``, ``lr``, ``train_error``, ``train_nll``, ``test_error``,
+    ``iters``, ``train_time_s`` (finals, NaN/None when absent), ``status`` ("ok" or
+    "failed: ..."), ``best`` (lowest final ``metric``) and ``path``.
+    """
     best = best_job(jobs, metric)
     rows = []
     for job, overrides in zip(jobs, varying_overrides(jobs), strict=True):
@@ -219,6 +228,7 @@ def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``sweep_table.py`` (sweep directory, metric, markdown/JSON outputs)."""
     parser = argparse.ArgumentParser(
         prog="sweep_table.py",
         description="Table of a sweep's jobs (overrides, lr, final errors, iterations, training time); marks "

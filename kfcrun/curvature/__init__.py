@@ -6,16 +6,26 @@ Knows nothing about learning rates, momentum, the runner or the data. Convention
 positions, divided by M), ``Gamma_hat = 1/(M|T|) DS^T DS``, Fisher block ``Omega ⊗ Gamma``
 with column-stacking vec.
 
+Symbols (the paper's): ``Omega``/``Psi`` and ``Gamma`` are the Kronecker factors (in code
+``omega``, ``gamma``: always the factors); ``γ`` is the damping (in code ``damping``), ``λ``
+the weight decay (``weight_decay``, per layer ``lams``), ``ξ`` the factors' running-average
+decay (``stat_decay``; the optimizers' iterate average uses ``ξ_avg``, ``avg_decay``).
+
 Layout: :mod:`.kron_math` (pure tensor math), :mod:`.coverage` (which layers,
 :func:`kfc_layers`), :mod:`.capture` and :mod:`.derivatives` (one recorded pass and the
-output derivatives ``DS``), :mod:`.fisher` (which targets), :mod:`.factors` (Eqn 32
-estimates), :mod:`.blocks` (one class per layer type), :mod:`.inverses` (damping
-strategies), :mod:`.schedule` (``T_s``/``T_f``), :mod:`.kfc_curvature` (the manager).
+output derivatives ``DS``), :mod:`.likelihoods` (output distributions), :mod:`.fisher`
+(which targets), :mod:`.factors` (Eqn 32 estimates), :mod:`.blocks` (one class per layer
+type), :mod:`.inverses` (damping strategies), :mod:`.schedule` (``T_s``/``T_f``),
+:mod:`.kfc_curvature` (the manager).
 
 Public API:
 
-* :func:`kfc_layers` - the layers KFC covers, by name (the one definition of coverage).
-* :func:`batch_factors` / :func:`batch_factors_for_loss` - single-mini-batch ``(Omega_hat, Gamma_hat)``.
+* :func:`kfc_layers` - the modules KFC covers, by name (the one definition of coverage);
+  :func:`uncovered_modules` - the trainable parameters left to the plain step.
+* :func:`batch_factors` / :func:`batch_factors_for_loss` - single-mini-batch ``(Omega_hat, Gamma_hat)``
+  (and a normalization layer's per-channel Fisher).
+* :class:`Likelihood` (:class:`SoftmaxCrossEntropy`, :class:`Gaussian`, :class:`Bernoulli`) -
+  the output distribution: sampled targets, per-example NLL, output-space Fisher.
 * :func:`output_derivatives` / :func:`recorded_pass` - layer inputs and ``DS`` for a loss.
 * :func:`sample_targets`, :func:`nll_sum`, :func:`expected_fisher_losses` - targets and losses.
 * :class:`KFCCurvature` - running factors, damped inverses, ``precondition``;
@@ -24,41 +34,65 @@ Public API:
 """
 
 from .blocks import (
+    DEFAULT_MAX_FACTOR_DIM,
+    Conv1dBlock,
     Conv2dBlock,
+    ConvBlock,
+    CurvatureBlock,
+    EmbeddingBlock,
+    Estimate,
     KroneckerBlock,
     LinearBlock,
+    NormBlock,
     UnsupportedLayerError,
     combined_grad,
     combined_matrix,
     make_block,
     split_update,
 )
-from .coverage import canonical_name, kfc_layers
+from .coverage import canonical_name, kfc_layers, layer_matches, uncovered_modules
 from .derivatives import LayerPass, output_derivatives, recorded_pass
 from .diagnostics import KFCCurvatureWarning
-from .factors import batch_factors, batch_factors_for_loss
+from .factors import EstimateAccumulator, batch_factors, batch_factors_for_loss
 from .fisher import expected_fisher_losses, make_loss_fn, nll_sum, sample_targets
-from .inverses import DampedInverse, EigenInverse, PiCholeskyInverse
-from .kfc_curvature import InverseUpdate, KFCCurvature, StatisticsUpdate
+from .inverses import DampedInverse, EigenInverse, KroneckerInverse, PiCholeskyInverse, UnitwiseInverse
+from .kfc_curvature import InverseUpdate, KFCCurvature, MicroBatches, StatisticsUpdate
+from .likelihoods import LIKELIHOODS, Bernoulli, Gaussian, Likelihood, SoftmaxCrossEntropy, make_likelihood
 from .schedule import CurvatureSchedule
 from .vocabulary import DampingMode, FisherType, OmegaModel
 
 __all__ = [
+    "DEFAULT_MAX_FACTOR_DIM",
+    "LIKELIHOODS",
+    "Bernoulli",
+    "Conv1dBlock",
     "Conv2dBlock",
+    "ConvBlock",
+    "CurvatureBlock",
     "CurvatureSchedule",
     "DampedInverse",
     "DampingMode",
     "EigenInverse",
+    "EmbeddingBlock",
+    "Estimate",
+    "EstimateAccumulator",
     "FisherType",
+    "Gaussian",
     "InverseUpdate",
     "KFCCurvature",
     "KFCCurvatureWarning",
     "KroneckerBlock",
+    "KroneckerInverse",
     "LayerPass",
+    "Likelihood",
     "LinearBlock",
+    "MicroBatches",
+    "NormBlock",
     "OmegaModel",
     "PiCholeskyInverse",
+    "SoftmaxCrossEntropy",
     "StatisticsUpdate",
+    "UnitwiseInverse",
     "UnsupportedLayerError",
     "batch_factors",
     "batch_factors_for_loss",
@@ -67,11 +101,14 @@ __all__ = [
     "combined_matrix",
     "expected_fisher_losses",
     "kfc_layers",
+    "layer_matches",
     "make_block",
+    "make_likelihood",
     "make_loss_fn",
     "nll_sum",
     "output_derivatives",
     "recorded_pass",
     "sample_targets",
     "split_update",
+    "uncovered_modules",
 ]

@@ -54,19 +54,19 @@ class LayerRecord:
 class ActivationCapture:
     """Forward hooks on a fixed set of modules, alive only inside :meth:`recording`.
 
-    Each module must run at most once per recorded forward pass (KFC's block for a
-    shared module would need the sum over its uses; that is not implemented and
-    raises a clear error).
+    A module that runs several times in one forward pass (a shared layer) gets one
+    record per use, in call order; the blocks combine the uses (see
+    :mod:`kfcrun.curvature.blocks`).
     """
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self._modules: dict[str, nn.Module] = dict(modules)
         self._handles: list[RemovableHandle] = []
-        self.records: dict[str, LayerRecord] = {}
+        self.records: dict[str, list[LayerRecord]] = {}
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[dict[str, LayerRecord]]:
-        """Register the hooks, yield the (filling) ``name -> LayerRecord`` dict, remove the hooks."""
+    def recording(self) -> Iterator[dict[str, list[LayerRecord]]]:
+        """Register the hooks, yield the (filling) ``name -> [record per use]`` dict, remove the hooks."""
         if self._handles:
             raise RuntimeError("ActivationCapture.recording() is not re-entrant")
         self.records = {}
@@ -84,11 +84,6 @@ class ActivationCapture:
         self._handles.clear()
 
     def _hook(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        if name in self.records:
-            raise RuntimeError(
-                f"kfc: layer {name!r} ran more than once in one forward pass; "
-                "KFC blocks for shared (reused) layers are not supported"
-            )
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise TypeError(f"kfc: layer {name!r} must take and return a single tensor")
         inp = args[0]
@@ -96,6 +91,7 @@ class ActivationCapture:
             # Frozen parameters and inputs: output is a graph leaf; make it one we can
             # differentiate with respect to, so DS still exists for this layer.
             output.requires_grad_(True)
-        self.records[name] = LayerRecord(input=inp.detach(), input_version=inp._version, output=output)
+        record = LayerRecord(input=inp.detach(), input_version=inp._version, output=output)
+        self.records.setdefault(name, []).append(record)
         # The network continues with a copy, so in-place ops downstream cannot alter `output`.
         return output.clone()

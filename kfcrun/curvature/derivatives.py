@@ -43,37 +43,53 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
 
 @dataclass
 class LayerPass:
-    """What a recorded forward pass saw: the model output and each layer's input and output.
+    """What a recorded forward pass saw: the model output and each layer's inputs and outputs.
 
-    ``names`` lists the requested layers that ran, in the order requested; a layer that
-    did not run is absent.
+    ``records[name]`` has one entry per use of the layer (a shared layer runs several
+    times). ``names`` lists the requested layers that ran, in the order requested; a
+    layer that did not run is absent.
     """
 
     logits: Tensor | None
-    records: dict[str, LayerRecord]
+    records: dict[str, list[LayerRecord]]
     names: list[str] = field(default_factory=list)
 
+    def layer_inputs(self, name: str) -> list[Tensor]:
+        """Layer ``name``'s (detached) input of every use, checked for in-place edits since the pass."""
+        return [record.checked_input(name) for record in self.records[name]]
+
     def layer_input(self, name: str) -> Tensor:
-        """Layer ``name``'s (detached) input, checked for in-place modification since the pass."""
-        return self.records[name].checked_input(name)
+        """The input of a layer that ran once (see :meth:`layer_inputs` for shared layers)."""
+        inputs = self.layer_inputs(name)
+        if len(inputs) != 1:
+            raise RuntimeError(
+                f"kfc: layer {name!r} ran {len(inputs)} times in one forward pass; use layer_inputs()"
+            )
+        return inputs[0]
 
-    def derivatives(self, loss: Tensor, *, retain_graph: bool = False) -> dict[str, Tensor]:
-        """``{name: d loss / d output}`` for every layer that ran (zeros where the output does not reach the loss).
+    def derivatives(self, loss: Tensor, *, retain_graph: bool = False) -> dict[str, list[Tensor]]:
+        """``{name: [d loss / d output of each use]}`` for every layer that ran.
 
-        The derivative of a loss that sums per-example losses has one row per example
-        and output position: ``DS`` of Eqn 32, not divided by the batch size.
+        Zeros where an output does not reach the loss.
+
+        A layer whose output does not reach the loss gets zeros. The derivative of a loss
+        that sums per-example losses has one row per example and output position: ``DS``
+        of Eqn 32, not divided by the batch size.
         """
-        outputs = [self.records[name].output for name in self.names]
-        derivs = torch.autograd.grad(
-            loss, outputs, retain_graph=retain_graph, allow_unused=True, materialize_grads=True
+        outputs = [record.output for name in self.names for record in self.records[name]]
+        derivs = iter(
+            torch.autograd.grad(
+                loss, outputs, retain_graph=retain_graph, allow_unused=True, materialize_grads=True
+            )
         )
-        return {name: ds.detach() for name, ds in zip(self.names, derivs, strict=True)}
+        return {name: [next(derivs).detach() for _ in self.records[name]] for name in self.names}
 
     def release_graph(self) -> None:
         """Drop the model output and the layer outputs, so the autograd graph can be freed."""
         self.logits = None
-        for record in self.records.values():
-            record.output = record.output.detach()
+        for records in self.records.values():
+            for record in records:
+                record.output = record.output.detach()
 
 
 @contextlib.contextmanager
@@ -101,6 +117,7 @@ def output_derivatives(
     ``loss_fn(logits)`` must return ONE scalar, the per-example losses summed (e.g.
     :func:`~kfcrun.curvature.fisher.nll_sum` of sampled targets), so that ``DS`` holds
     per-example derivatives. Both dicts are keyed by layer name and hold detached tensors.
+    Every layer must run once (a shared layer raises, naming it).
     """
     modules = kfc_layers(model) if layers is None else layers
     with recorded_pass(model, inputs, modules) as layer_pass:
@@ -108,5 +125,6 @@ def output_derivatives(
         loss = loss_fn(layer_pass.logits)
         if not isinstance(loss, Tensor):
             raise TypeError("output_derivatives needs loss_fn to return one scalar tensor")
-        derivatives = layer_pass.derivatives(loss)
-        return {name: layer_pass.layer_input(name) for name in layer_pass.names}, derivatives
+        inputs_by_layer = {name: layer_pass.layer_input(name) for name in layer_pass.names}
+        derivatives = {name: uses[0] for name, uses in layer_pass.derivatives(loss).items()}
+        return inputs_by_layer, derivatives

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from types import FrameType
 
 __all__ = ["KFCCurvatureWarning", "warn"]
 
@@ -17,6 +18,7 @@ class KFCCurvatureWarning(RuntimeWarning):
 
 def warn(message: str) -> None:
     """Warn with :class:`KFCCurvatureWarning`, pointing at the first frame outside this package."""
+    frame: FrameType | None
     frame, level = sys._getframe(1), 2
     while frame is not None and os.path.dirname(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1

@@ -1,11 +1,17 @@
-"""Single-mini-batch factor estimates (Eqn 32) for every layer KFC covers.
+"""Single-mini-batch estimates (Eqn 32 and its analogues) for every covered module.
 
 :func:`batch_factors` is the contract used by the rest of kfcrun; it is
 :func:`batch_factors_for_loss` with the per-example NLL of given targets.
-:func:`batch_factors_for_loss` accepts any loss (or list of losses whose
-``DS^T DS`` are summed), which is how sampled-target, expected and empirical Fisher
-estimates, and the exactness tests' Gaussian likelihoods, share one code path.
-The pass itself (hooks, buffers, ``.grad`` untouched) is :func:`~kfcrun.curvature.derivatives.recorded_pass`.
+:func:`batch_factors_for_loss` accepts any loss (or list of losses whose statistics
+are summed), which is how sampled-target, expected and empirical Fisher estimates,
+and the exactness tests' Gaussian likelihoods, share one code path. The pass itself
+(hooks, buffers, ``.grad`` untouched) is :func:`~kfcrun.curvature.derivatives.recorded_pass`.
+
+Estimates are per-example means, so the estimates of several micro-batches of one
+step combine exactly into the estimate of their union by an example-weighted mean
+(:class:`EstimateAccumulator`): ``Omega_hat`` sums rows and divides by ``M``, ``Gamma_hat``
+divides by ``M|T|`` with the same ``|T|`` for every example, a normalization block's
+Fisher divides by ``M``.
 """
 
 from __future__ import annotations
@@ -14,12 +20,12 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor, nn
 
-from .blocks import KroneckerBlock, make_block
+from .blocks import CurvatureBlock, Estimate, make_block
 from .coverage import kfc_layers
 from .derivatives import recorded_pass
 from .fisher import LossFn, nll_sum
 
-__all__ = ["batch_factors", "batch_factors_for_loss", "block_estimates"]
+__all__ = ["EstimateAccumulator", "batch_factors", "batch_factors_for_loss", "block_estimates"]
 
 
 def _as_losses(value: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -35,35 +41,77 @@ def block_estimates(
     model: nn.Module,
     inputs: Tensor,
     loss_fn: LossFn,
-    blocks: Mapping[str, KroneckerBlock],
+    blocks: Mapping[str, CurvatureBlock],
     *,
     chunk_size: int | None = None,
-) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{name: (Omega_hat, Gamma_hat)}`` for the blocks whose layer ran in ``model(inputs)``.
+) -> dict[str, Estimate]:
+    """``{name: estimate}`` for the blocks whose module ran in ``model(inputs)``.
 
     One recorded forward pass, then one ``torch.autograd.grad`` per loss returned by
-    ``loss_fn(logits)`` with respect to the layer outputs (so ``Gamma_hat`` sums
-    ``DS^T DS`` over those passes), then the ``Omega_hat`` of each layer from its
-    recorded input, after the graph is freed so that the chunked patch expansion does
-    not coexist with it. Layers that did not run are absent from the result; a layer
-    whose output does not reach the loss gets ``Gamma_hat = 0``.
+    ``loss_fn(output)`` with respect to the layer outputs (each block's
+    :meth:`~CurvatureBlock.pass_statistic` is summed over those passes), then each
+    block's :meth:`~CurvatureBlock.batch_estimate` from its recorded inputs, after the
+    graph is freed so that the chunked patch expansion does not coexist with it.
+    Kronecker blocks give ``(Omega_hat, Gamma_hat)``. Modules that did not run are
+    absent from the result; a module whose output does not reach the loss gets a
+    zero output-side statistic.
     """
     modules = {name: block.module for name, block in blocks.items()}
     with recorded_pass(model, inputs, modules) as layer_pass:
         assert layer_pass.logits is not None
         losses = _as_losses(loss_fn(layer_pass.logits))
-        gammas: dict[str, Tensor] = {}
+        recorded = {name: layer_pass.layer_inputs(name) for name in layer_pass.names}
+        contexts = {name: blocks[name].pass_context(recorded[name]) for name in layer_pass.names}
+        totals: dict[str, Tensor] = {}
         for k, loss in enumerate(losses):
             derivatives = layer_pass.derivatives(loss, retain_graph=k < len(losses) - 1)
             for name, ds in derivatives.items():
-                part = blocks[name].batch_gamma([ds])
-                gammas[name] = part if name not in gammas else gammas[name].add_(part)
-        del losses
+                part = blocks[name].pass_statistic(recorded[name], ds, contexts[name])
+                totals[name] = part if name not in totals else totals[name].add_(part)
+        del losses, contexts
         layer_pass.release_graph()
         return {
-            name: (blocks[name].batch_omega(layer_pass.layer_input(name), chunk_size=chunk_size), gammas[name])
+            name: blocks[name].batch_estimate(recorded[name], totals[name], chunk_size=chunk_size)
             for name in layer_pass.names
         }
+
+
+class EstimateAccumulator:
+    """Example-weighted mean of the estimates of several micro-batches (gradient accumulation).
+
+    ``add(estimates, examples)`` once per micro-batch; :meth:`result` is then the
+    estimate of the union of the micro-batches, exactly (every estimate is a mean over
+    its examples, see the module docstring). A module missing from some micro-batches
+    is averaged over the micro-batches it ran in.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, list[Tensor]] = {}
+        self._counts: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._counts)
+
+    @property
+    def examples(self) -> int:
+        """The largest number of examples any module has seen so far."""
+        return max(self._counts.values(), default=0)
+
+    def add(self, estimates: Mapping[str, Sequence[Tensor]], examples: int) -> None:
+        """Add one micro-batch's estimates, computed on ``examples`` examples."""
+        for name, estimate in estimates.items():
+            weighted = [t * examples for t in estimate]
+            if name in self._sums:
+                for total, part in zip(self._sums[name], weighted, strict=True):
+                    total.add_(part)
+                self._counts[name] += examples
+            else:
+                self._sums[name] = weighted
+                self._counts[name] = examples
+
+    def result(self) -> dict[str, Estimate]:
+        """The example-weighted mean per module."""
+        return {name: tuple(t / self._counts[name] for t in sums) for name, sums in self._sums.items()}
 
 
 def batch_factors_for_loss(
@@ -72,28 +120,29 @@ def batch_factors_for_loss(
     loss_fn: LossFn,
     *,
     chunk_size: int | None = None,
-) -> dict[str, tuple[Tensor, Tensor]]:
+) -> dict[str, Estimate]:
     """:func:`batch_factors` with an arbitrary loss.
 
     ``loss_fn(logits)`` returns the batch's per-example losses **summed** (a scalar),
-    or a sequence of such scalars whose ``DS^T DS`` are summed into ``Gamma_hat``
-    (e.g. one per column of a square root of the output Fisher, giving the exact
-    expectation over targets; see :func:`~kfcrun.curvature.fisher.expected_fisher_losses`).
+    or a sequence of such scalars whose statistics are summed (e.g. one per column of
+    a square root of the output Fisher, giving the exact expectation over targets; see
+    :meth:`~kfcrun.curvature.likelihoods.Likelihood.expected_losses`).
     """
     blocks = {name: make_block(name, m) for name, m in kfc_layers(model).items()}
     return block_estimates(model, inputs, loss_fn, blocks, chunk_size=chunk_size)
 
 
-def batch_factors(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+def batch_factors(model: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, Estimate]:
     """Single-mini-batch KFC factors ``(Omega_hat, Gamma_hat)`` (Eqn 32) of every covered layer.
 
     Keyed by layer name (:func:`~kfcrun.curvature.coverage.kfc_layers`; Linear:
-    ``(Psi_hat, Gamma_hat)``). ``DS`` are derivatives of
-    ``sum_m -log softmax(model(inputs))_m[targets_m]`` (per-example losses summed) w.r.t.
-    each layer's output. Conv: ``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` over all ``M|T|``
-    output positions, ``Gamma_hat = 1/(M|T|) DS^T DS``; homogeneous coordinate at index 0
-    when the layer has a bias, other columns in ``weight.flatten(1)`` order. Factors have
-    the inputs'/parameters' dtype (at least float32).
+    ``(Psi_hat, Gamma_hat)``; a normalization layer: ``(F_hat,)``, its per-channel Fisher).
+    ``DS`` are derivatives of ``sum_m -log softmax(model(inputs))_m[targets_m]``
+    (per-example losses summed) w.r.t. each layer's output. Conv:
+    ``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` over all ``M|T|`` output positions,
+    ``Gamma_hat = 1/(M|T|) DS^T DS``; homogeneous coordinate at index 0 when the layer
+    has a bias, other columns in ``weight.flatten(1)`` order. Factors have the
+    inputs'/parameters' dtype (at least float32).
 
     The model is left unchanged (parameters, buffers, ``.grad``, hooks, train/eval mode).
     Layers that did not run in the forward pass are absent from the result.

@@ -2,16 +2,18 @@
 
 The Fisher is the covariance of the log-likelihood gradient under the **model's**
 predictive distribution. Three estimates are offered, selected by
-:class:`~kfcrun.curvature.vocabulary.FisherType`:
+:class:`~kfcrun.curvature.vocabulary.FisherType`, for any
+:class:`~kfcrun.curvature.likelihoods.Likelihood` (softmax cross-entropy by default):
 
 ``"sampled"`` (default)
-    one target per example sampled from ``softmax(logits)``; ``DS`` is a one-sample
-    Monte-Carlo estimate of the true Fisher (the paper's choice).
+    one target per example (and output position) sampled from the model's predictive
+    distribution; ``DS`` is a one-sample Monte-Carlo estimate of the true Fisher (the
+    paper's choice).
 ``"expected"``
     the exact expectation over targets (curvlinops' "type-2"): one backward pass per
-    class ``c`` with cotangent ``B[:, c]``, the columns of
-    ``B = diag(sqrt p) - p sqrt(p)^T``, so that ``B B^T = diag(p) - p p^T``. Costs ``C``
-    backward passes; used by the tests and for small output spaces.
+    column of a square root of the output Fisher and output position
+    (:meth:`~kfcrun.curvature.likelihoods.Likelihood.expected_losses`). Used by the
+    tests and for small output spaces.
 ``"empirical"``
     the training labels instead of samples: the empirical Fisher, a different
     (worse) object, only ever used when asked for by this name.
@@ -26,9 +28,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .likelihoods import Likelihood, SoftmaxCrossEntropy, make_likelihood
 from .vocabulary import FisherType
 
 __all__ = [
@@ -43,11 +45,7 @@ __all__ = [
 #: per-pass ``DS^T DS`` are summed (see :func:`kron_math.gamma_from_derivatives`).
 LossFn = Callable[[Tensor], Tensor | Sequence[Tensor]]
 
-def _class_last(logits: Tensor) -> Tensor:
-    """Logits ``(M, C)`` or ``(M, C, *spatial)`` (PyTorch's cross-entropy layout) as rows of ``C``."""
-    if logits.dim() < 2:
-        raise ValueError(f"logits must have shape (M, C, ...), got {tuple(logits.shape)}")
-    return logits.movedim(1, -1).reshape(-1, logits.shape[1])
+_SOFTMAX = SoftmaxCrossEntropy()
 
 
 def sample_targets(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -57,33 +55,22 @@ def sample_targets(logits: Tensor, generator: torch.Generator | None = None) -> 
     the same seeded ``generator`` (which must live on ``logits.device``) the draw is
     reproducible; ``None`` uses the global generator.
     """
-    rows = _class_last(logits.detach())
-    probs = torch.softmax(rows.to(torch.promote_types(rows.dtype, torch.float32)), dim=-1)
-    draws = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-    return draws.reshape(logits.shape[:1] + logits.shape[2:])
+    return _SOFTMAX.sample(logits, generator)
 
 
 def nll_sum(logits: Tensor, targets: Tensor) -> Tensor:
     """``sum_m -log softmax(logits_m)[y_m]``: per-example losses summed, not averaged."""
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return _SOFTMAX.nll_sum(logits, targets)
 
 
 def expected_fisher_losses(logits: Tensor) -> list[Tensor]:
-    """``C`` linear losses whose derivative covariances sum to ``E_y[g g^T] = diag(p) - p p^T``.
+    """Losses whose derivative covariances sum to ``E_y[g g^T] = diag(p) - p p^T`` (softmax, class dim 1).
 
-    Loss ``c`` is ``sum_m <logits_m, B_m[:, c]>`` with the detached square root
-    ``B_m = diag(sqrt p_m) - p_m sqrt(p_m)^T``; its derivative w.r.t. ``logits_m`` is
-    ``sqrt(p_mc) (e_c - p_m)``, i.e. ``sqrt(p_c)`` times minus the NLL gradient for target ``c``.
+    See :meth:`SoftmaxCrossEntropy.expected_losses`: for ``(M, C)`` logits, loss ``c`` is
+    ``sum_m <logits_m, B_m[:, c]>`` with the detached square root
+    ``B_m = diag(sqrt p_m) - p_m sqrt(p_m)^T``.
     """
-    rows = _class_last(logits)
-    probs = torch.softmax(rows.detach(), dim=-1)
-    root = probs.sqrt()
-    losses = []
-    for c in range(rows.shape[1]):
-        cot = -probs * root[:, c : c + 1]
-        cot[:, c] += root[:, c]
-        losses.append((rows * cot).sum())
-    return losses
+    return _SOFTMAX.expected_losses(logits)
 
 
 def make_loss_fn(
@@ -91,14 +78,22 @@ def make_loss_fn(
     *,
     targets: Tensor | None = None,
     generator: torch.Generator | None = None,
+    likelihood: Likelihood | str = _SOFTMAX,
 ) -> LossFn:
-    """The loss function for ``fisher_type`` (see the module docstring)."""
+    """The loss function for ``fisher_type`` and ``likelihood`` (see the module docstring).
+
+    ``targets`` are the training labels: required for ``"empirical"``, and for a
+    likelihood that masks positions (``ignore_index``) whatever the Fisher type.
+    """
     kind = FisherType.parse(fisher_type, "fisher_type")
+    lik = make_likelihood(likelihood)
+    if lik.needs_labels and targets is None:
+        raise ValueError(f"{lik!r} masks positions by the training labels: pass them as `targets`")
     if kind is FisherType.SAMPLED:
-        return lambda logits: nll_sum(logits, sample_targets(logits, generator))
+        return lambda out: lik.nll_sum(out, lik.sample(out, generator, labels=targets))
     if kind is FisherType.EXPECTED:
-        return expected_fisher_losses
+        return lambda out: lik.expected_losses(out, labels=targets)
     if targets is None:
         raise ValueError("fisher_type='empirical' needs the training labels as `targets`")
     labels = targets
-    return lambda logits: nll_sum(logits, labels)
+    return lambda out: lik.nll_sum(out, labels)

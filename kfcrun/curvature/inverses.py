@@ -1,11 +1,11 @@
 """Damping strategies: how a Kronecker block's damped inverse is fitted and applied.
 
 A block's Fisher approximation is ``Omega ⊗ Gamma`` (Eqn 25); what an optimizer needs
-is the solve ``(Omega ⊗ Gamma + (lambda + gamma) I)^{-1} vec(G)``, approximately or
+is the solve ``(Omega ⊗ Gamma + (λ + γ) I)^{-1} vec(G)``, approximately or
 exactly. Each strategy owns the tensors of its solve and has three operations:
 
 * :meth:`DampedInverse.prepare` - the sync-free part of the fit (no host reads), from
-  the factors and one or more damping totals ``lambda + gamma``; returns a 1-d bool
+  the factors and one or more damping totals ``λ + γ``; returns a 1-d bool
   tensor of success flags. The manager stacks every block's flags and reads them in
   ONE host sync per inverse update;
 * :meth:`DampedInverse.commit` - given the flags as Python bools, install the result,
@@ -15,7 +15,7 @@ exactly. Each strategy owns the tensors of its solve and has three operations:
   from then on), without refitting: K-FAC keeps the best of its gamma candidates.
 
 Several damping totals can be fitted from the same factors at once (K-FAC compares
-``gamma_-, gamma, gamma_+``): the eigen strategy decomposes once and applies any total;
+``γ₋, γ, γ₊``): the eigen strategy decomposes once and applies any total;
 the pi strategy needs one Cholesky pair per total and shares the symmetrised factors
 and ``pi``. Only candidate 0 is kept in :meth:`~DampedInverse.state_dict`: the others
 are used within the step that fitted them.
@@ -32,10 +32,24 @@ Robustness: factors are symmetrised and decomposed in ``compute_dtype`` (float64
 default) and the results stored in the factors' dtype. A failed Cholesky retries with
 jitter, then float64, then a clamped eigendecomposition
 (:func:`~kfcrun.curvature.kron_math.inverse_fallback`), with one warning naming the
-layer. A non-finite factor never reaches the parameters: the previous inverse is kept,
-or, if there is none, the damped inverse of a zero block, ``I / t``.
+layer. The exact mode cannot fail that way (its denominators are ``>= t``), so it warns,
+once per layer, where the pi mode's Cholesky would be in trouble: when ``t`` is below the
+rounding level of the block's largest curvature in the stored dtype
+(:meth:`EigenInverse.check_conditioning`). A non-finite factor never reaches the
+parameters: the previous inverse is kept, or, if there is none, the damped inverse of a
+zero block, ``I / t``.
 
-Adding a damping mode: subclass :class:`DampedInverse`, implement the three operations
+Shapes: a Kronecker strategy is built for a :class:`KroneckerShape`: the factor sizes,
+a number of groups ``g`` (a grouped convolution's ``g`` independent blocks, factors
+``(g, k, k)``, solved together with one ``pi`` per group) and whether either factor is
+stored as its diagonal (above a size cap; see :mod:`kfcrun.curvature.blocks`).
+
+:class:`UnitwiseInverse` is the strategy of blocks that are many tiny independent
+matrices (a normalization layer's per-channel ``2 x 2`` scale/shift Fisher): exact
+damping ``(F_c + (λ + γ) I)^{-1}`` for each unit, whatever the damping mode,
+because the blocks are small enough to damp exactly.
+
+Adding a damping mode: subclass :class:`KroneckerInverse`, implement the three operations
 and the state keys, and register it in :data:`STRATEGIES`; nothing else changes.
 """
 
@@ -54,26 +68,33 @@ from . import kron_math
 from .diagnostics import warn
 from .vocabulary import DampingMode
 
-__all__ = ["STRATEGIES", "DampedInverse", "EigenInverse", "PiCholeskyInverse", "make_inverse"]
+__all__ = [
+    "STRATEGIES",
+    "DampedInverse",
+    "EigenInverse",
+    "KroneckerInverse",
+    "KroneckerShape",
+    "PiCholeskyInverse",
+    "UnitwiseInverse",
+    "make_inverse",
+]
 
 
 class DampedInverse(ABC):
-    """The damped inverse of one block ``Omega ⊗ Gamma`` (see the module docstring).
+    """The damped inverse of one curvature block (see the module docstring).
 
     Args:
         name: the layer's name, for warnings and errors.
-        omega_dim, gamma_dim: the factors' sizes.
     """
 
-    mode: ClassVar[DampingMode]
     #: Keys of :meth:`state_dict`, each a tensor or ``None``.
     state_keys: ClassVar[tuple[str, ...]]
-    #: The strategy needs ``lambda + gamma > 0`` (else ``>= 0``).
+    #: The strategy needs ``λ + γ > 0`` (else ``>= 0``).
     needs_positive_total: ClassVar[bool] = False
 
-    def __init__(self, name: str, omega_dim: int, gamma_dim: int) -> None:
-        self.name, self.omega_dim, self.gamma_dim = name, omega_dim, gamma_dim
-        #: ``lambda + gamma`` of candidate 0 as a 0-d tensor in the stored dtype.
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: ``λ + γ`` of candidate 0 as a 0-d tensor in the stored dtype.
         self.damping_total: Tensor | None = None
 
     @property
@@ -83,9 +104,12 @@ class DampedInverse(ABC):
 
     @abstractmethod
     def prepare(
-        self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
+        self, factors: Sequence[Tensor], totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
-        """Start a fit for the damping totals ``lambda + gamma``; return 1-d bool success flags (no sync)."""
+        """Start a fit from the block's factors for the damping totals ``λ + γ``.
+
+        Returns 1-d bool success flags, without a host sync.
+        """
 
     @abstractmethod
     def commit(self, flags: Sequence[bool]) -> None:
@@ -112,24 +136,107 @@ class DampedInverse(ABC):
         return {key: _clone(getattr(self, key)) for key in self.state_keys}
 
     def load_state_dict(self, state: dict[str, Tensor | None], device: torch.device) -> None:
-        """Restore :meth:`state_dict` output bitwise (dtype kept, moved to ``device``); absent keys are ``None``."""
+        """Restore :meth:`state_dict` output bitwise (dtype kept, moved to ``device``).
+
+        Keys absent from ``state`` are set to ``None``.
+        """
         for key in self.state_keys:
             value = state.get(key)
             setattr(self, key, None if value is None else value.detach().clone().to(device))
 
-    def _keep_previous(self, total: float, store: torch.dtype, device: torch.device, reason: str = "") -> None:
+    def _keep_previous(
+        self, total: float, store: torch.dtype, device: torch.device, reason: str = ""
+    ) -> None:
         """Leave the last good inverse in place, or install the identity fallback if there is none."""
         why = reason or "factor contains NaN/inf"
         if self.ready:
             warn(f"kfc: layer {self.name!r}: {why}; keeping the previous inverse")
             return
-        warn(f"kfc: layer {self.name!r}: {why}; no previous inverse, using identity / (lam+gamma)")
+        warn(f"kfc: layer {self.name!r}: {why}; no previous inverse, using identity / (λ + γ)")
         self._install_identity(total, store, device)
         self.damping_total = torch.tensor(total, dtype=store, device=device)
 
 
 def _clone(value: Tensor | None) -> Tensor | None:
     return None if value is None else value.detach().clone()
+
+
+@dataclass(frozen=True)
+class KroneckerShape:
+    """The layout of a Kronecker block's factors.
+
+    Attributes:
+        omega_dim, gamma_dim: ``k`` of ``Omega`` (input side) and ``Gamma`` (output side), per group.
+        groups: number of independent blocks ``g``; factors carry a leading ``g`` dim when ``g > 1``.
+        omega_diagonal, gamma_diagonal: the factor is stored as its diagonal ``(..., k)``.
+    """
+
+    omega_dim: int
+    gamma_dim: int
+    groups: int = 1
+    omega_diagonal: bool = False
+    gamma_diagonal: bool = False
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """The batch shape of the factors: ``(g,)`` for a grouped block, ``()`` otherwise."""
+        return (self.groups,) if self.groups > 1 else ()
+
+    def factor_shape(self, side: str) -> tuple[int, ...]:
+        """Shape of the ``"omega"`` or ``"gamma"`` factor as stored."""
+        dim, diagonal = (
+            (self.omega_dim, self.omega_diagonal)
+            if side == "omega"
+            else (self.gamma_dim, self.gamma_diagonal)
+        )
+        return (*self.lead, dim) if diagonal else (*self.lead, dim, dim)
+
+    def identity(self, side: str, scale: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """``scale * I`` in the stored layout of ``side``."""
+        shape = self.factor_shape(side)
+        if len(shape) == len(self.lead) + 1:
+            return torch.full(shape, scale, dtype=dtype, device=device)
+        eye = torch.eye(shape[-1], dtype=dtype, device=device) * scale
+        return eye.expand(shape).clone()
+
+
+class KroneckerInverse(DampedInverse):
+    """A damping strategy for a block ``Omega ⊗ Gamma`` of the given :class:`KroneckerShape`.
+
+    Args:
+        name: the layer's name.
+        omega_dim, gamma_dim: the factors' sizes (per group).
+        groups, omega_diagonal, gamma_diagonal: see :class:`KroneckerShape`.
+    """
+
+    mode: ClassVar[DampingMode]
+
+    def __init__(
+        self,
+        name: str,
+        omega_dim: int,
+        gamma_dim: int,
+        *,
+        groups: int = 1,
+        omega_diagonal: bool = False,
+        gamma_diagonal: bool = False,
+    ) -> None:
+        super().__init__(name)
+        self.shape = KroneckerShape(omega_dim, gamma_dim, groups, omega_diagonal, gamma_diagonal)
+        self.omega_dim, self.gamma_dim = omega_dim, gamma_dim
+
+    def prepare(
+        self, factors: Sequence[Tensor], totals: Sequence[float], compute_dtype: torch.dtype | None
+    ) -> Tensor:
+        """:meth:`_prepare` of the factors ``(Omega, Gamma)``."""
+        omega, gamma = factors
+        return self._prepare(omega, gamma, totals, compute_dtype)
+
+    @abstractmethod
+    def _prepare(
+        self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
+    ) -> Tensor:
+        """:meth:`prepare` for the two Kronecker factors."""
 
 
 @dataclass
@@ -143,14 +250,33 @@ class _PiPending:
     pi: Tensor | None = None
 
 
-class PiCholeskyInverse(DampedInverse):
-    """Factored damping with the trace-norm ``pi`` (Eqns 9-10, 28), inverted by Cholesky (Eqn 29)."""
+class PiCholeskyInverse(KroneckerInverse):
+    """Factored damping with the trace-norm ``pi`` (Eqns 9-10, 28), inverted by Cholesky (Eqn 29).
+
+    A diagonal factor is inverted entrywise; a grouped block gets one ``pi`` per group.
+    """
 
     mode = DampingMode.PI
     state_keys = ("omega_inv", "gamma_inv", "pi", "damping_total")
 
-    def __init__(self, name: str, omega_dim: int, gamma_dim: int) -> None:
-        super().__init__(name, omega_dim, gamma_dim)
+    def __init__(
+        self,
+        name: str,
+        omega_dim: int,
+        gamma_dim: int,
+        *,
+        groups: int = 1,
+        omega_diagonal: bool = False,
+        gamma_diagonal: bool = False,
+    ) -> None:
+        super().__init__(
+            name,
+            omega_dim,
+            gamma_dim,
+            groups=groups,
+            omega_diagonal=omega_diagonal,
+            gamma_diagonal=gamma_diagonal,
+        )
         self.omega_inv: Tensor | None = None
         self.gamma_inv: Tensor | None = None
         self.pi: Tensor | None = None
@@ -161,18 +287,36 @@ class PiCholeskyInverse(DampedInverse):
 
     @property
     def ready(self) -> bool:
+        """Whether ``Omega_d^{-1}`` and ``Gamma_d^{-1}`` are installed."""
         return self.omega_inv is not None and self.gamma_inv is not None
 
-    def prepare(
+    def _invert(self, damped: Tensor, diagonal: bool) -> tuple[Tensor, Tensor]:
+        return (
+            kron_math.diagonal_inverse_fast(damped) if diagonal else kron_math.cholesky_inverse_fast(damped)
+        )
+
+    def _prepare(
         self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
+        """Damp both factors (Eqn 28) for each total and invert them by Cholesky, without a host sync.
+
+        Returns ``[finite, ok_Omega_0, ok_Gamma_0, ok_Omega_1, ok_Gamma_1, ...]``: whether the
+        factors are finite, then whether each total's two Cholesky inverses succeeded.
+        """
         dt = compute_dtype if compute_dtype is not None else omega.dtype
+        shape = self.shape
         pending = _PiPending(omega, list(totals))
         oks: list[Tensor] = []
         for total in totals:
-            omega_d, gamma_d, pi = kron_math.damped_factors(omega.to(dt), gamma.to(dt), total)
-            omega_inv, ok_o = kron_math.cholesky_inverse_fast(omega_d)
-            gamma_inv, ok_g = kron_math.cholesky_inverse_fast(gamma_d)
+            omega_d, gamma_d, pi = kron_math.damped_factors(
+                omega.to(dt),
+                gamma.to(dt),
+                total,
+                omega_diagonal=shape.omega_diagonal,
+                gamma_diagonal=shape.gamma_diagonal,
+            )
+            omega_inv, ok_o = self._invert(omega_d, shape.omega_diagonal)
+            gamma_inv, ok_g = self._invert(gamma_d, shape.gamma_diagonal)
             pending.omega_d.append(omega_d)
             pending.gamma_d.append(gamma_d)
             pending.omega_inv.append(omega_inv)
@@ -184,6 +328,12 @@ class PiCholeskyInverse(DampedInverse):
         return torch.stack([finite, *oks])
 
     def commit(self, flags: Sequence[bool]) -> None:
+        """Install each candidate's inverses; a failed Cholesky is redone by the fallback (one warning).
+
+        A candidate that cannot be inverted (non-finite factors, or the fallback failed too):
+        candidate 0 keeps the previous inverse (``I / t`` if there is none), the others reuse
+        candidate 0's, each with a warning.
+        """
         pending, self._pending = self._pending, None
         assert pending is not None and pending.pi is not None, "commit() without prepare()"
         finite = bool(flags[0])
@@ -195,10 +345,10 @@ class PiCholeskyInverse(DampedInverse):
             gamma_inv: Tensor | None = pending.gamma_inv[i]
             notes = []
             if finite and not ok_o:
-                omega_inv, note = kron_math.inverse_fallback(pending.omega_d[i])
+                omega_inv, note = kron_math.inverse_fallback(pending.omega_d[i], self.shape.omega_diagonal)
                 notes.append(f"Omega: {note}")
             if finite and not ok_g:
-                gamma_inv, note = kron_math.inverse_fallback(pending.gamma_d[i])
+                gamma_inv, note = kron_math.inverse_fallback(pending.gamma_d[i], self.shape.gamma_diagonal)
                 notes.append(f"Gamma: {note}")
             if not finite or omega_inv is None or gamma_inv is None:
                 fits.append(None)
@@ -228,6 +378,7 @@ class PiCholeskyInverse(DampedInverse):
         ]
 
     def select(self, index: int) -> None:
+        """Make candidate ``index`` of the last fit candidate 0 (no refit); drop the others."""
         if index:
             self.omega_inv, self.gamma_inv = self._extra[index - 1]
             assert self.omega_inv is not None
@@ -239,19 +390,26 @@ class PiCholeskyInverse(DampedInverse):
     def _install_identity(self, total: float, store: torch.dtype, device: torch.device) -> None:
         # (I/sqrt(t)) ⊗ (I/sqrt(t)) = I/t: the damped curvature of a zero block.
         scale = 1.0 / math.sqrt(total) if total > 0 else 1.0
-        self.omega_inv = torch.eye(self.omega_dim, dtype=store, device=device) * scale
-        self.gamma_inv = torch.eye(self.gamma_dim, dtype=store, device=device) * scale
-        self.pi = torch.ones((), dtype=store, device=device)
+        self.omega_inv = self.shape.identity("omega", scale, store, device)
+        self.gamma_inv = self.shape.identity("gamma", scale, store, device)
+        self.pi = torch.ones(self.shape.lead, dtype=store, device=device)
 
     def apply(self, grad: Tensor, index: int = 0) -> Tensor:
+        """``Gamma_d^{-1} G Omega_d^{-1}`` (Eqn 29) for damping candidate ``index``, in the stored dtype."""
         if self.omega_inv is None or self.gamma_inv is None:
             raise RuntimeError(f"kfc: layer {self.name!r} has no inverses; call update_inverses() first")
         omega_inv, gamma_inv = (self.omega_inv, self.gamma_inv) if index == 0 else self._extra[index - 1]
-        return kron_math.kron_solve_pi(grad.to(omega_inv.dtype), gamma_inv, omega_inv)
+        return kron_math.kron_solve_pi(
+            grad.to(omega_inv.dtype),
+            gamma_inv,
+            omega_inv,
+            gamma_diagonal=self.shape.gamma_diagonal,
+            omega_diagonal=self.shape.omega_diagonal,
+        )
 
     def summary(self) -> dict[str, Tensor]:
-        """``pi`` (Eqn 10) of the last fit."""
-        return {} if self.pi is None else {"pi": self.pi}
+        """``pi`` (Eqn 10) of the last fit (the mean over groups for a grouped block)."""
+        return {} if self.pi is None else {"pi": self.pi.mean()}
 
 
 @dataclass
@@ -262,20 +420,37 @@ class _EigenPending:
     compute_dtype: torch.dtype | None
 
 
-class EigenInverse(DampedInverse):
+class EigenInverse(KroneckerInverse):
     """Exact damping through both factors' eigendecompositions (Eqns 39-44).
 
     ``d`` are clamped to ``>= 0`` (:func:`~kfcrun.curvature.kron_math.eigh_psd`), so the
     denominator ``d_G d_O^T + t`` is at least ``t > 0``. The decomposition does not depend
-    on the damping, so any number of totals costs one fit.
+    on the damping, so any number of totals costs one fit. A diagonal factor is its own
+    eigendecomposition (``Q = I``, stored as ``None``).
     """
 
     mode = DampingMode.EXACT
     state_keys = ("d_omega", "q_omega", "d_gamma", "q_gamma", "damping_total")
     needs_positive_total = True
 
-    def __init__(self, name: str, omega_dim: int, gamma_dim: int) -> None:
-        super().__init__(name, omega_dim, gamma_dim)
+    def __init__(
+        self,
+        name: str,
+        omega_dim: int,
+        gamma_dim: int,
+        *,
+        groups: int = 1,
+        omega_diagonal: bool = False,
+        gamma_diagonal: bool = False,
+    ) -> None:
+        super().__init__(
+            name,
+            omega_dim,
+            gamma_dim,
+            groups=groups,
+            omega_diagonal=omega_diagonal,
+            gamma_diagonal=gamma_diagonal,
+        )
         self.d_omega: Tensor | None = None
         self.q_omega: Tensor | None = None
         self.d_gamma: Tensor | None = None
@@ -283,19 +458,36 @@ class EigenInverse(DampedInverse):
         #: Totals of candidates 1.. of the last fit, as 0-d tensors.
         self._extra: list[Tensor] = []
         self._pending: _EigenPending | None = None
+        self._warned_conditioning = False
 
     @property
     def ready(self) -> bool:
-        return all(t is not None for t in (self.d_omega, self.q_omega, self.d_gamma, self.q_gamma))
+        """Whether both factors' eigendecompositions are installed (``Q = None`` for a diagonal one)."""
+        return (
+            self.d_omega is not None
+            and self.d_gamma is not None
+            and (self.q_omega is not None or self.shape.omega_diagonal)
+            and (self.q_gamma is not None or self.shape.gamma_diagonal)
+        )
 
-    def prepare(
+    def _prepare(
         self, omega: Tensor, gamma: Tensor, totals: Sequence[float], compute_dtype: torch.dtype | None
     ) -> Tensor:
+        """Keep the factors for :meth:`commit`; returns one flag, whether both factors are finite (no sync).
+
+        The decomposition does not depend on ``totals``, so nothing is computed per total here.
+        """
         # eigh needs finite input and syncs anyway; it runs in commit(), after the flags are read.
         self._pending = _EigenPending(omega, gamma, list(totals), compute_dtype)
         return (torch.isfinite(omega).all() & torch.isfinite(gamma).all()).reshape(1)
 
     def commit(self, flags: Sequence[bool]) -> None:
+        """Eigendecompose both factors (``d`` clamped to ``>= 0``) in the compute dtype and install them.
+
+        Non-finite factors, or an eigendecomposition that fails to converge, keep the previous
+        decomposition (or, when there is none, install a zero block's: ``Q = I``, ``d = 0``, so the
+        solve is ``G / t``), with one warning.
+        """
         pending, self._pending = self._pending, None
         assert pending is not None, "commit() without prepare()"
         omega, gamma = pending.omega, pending.gamma
@@ -304,36 +496,69 @@ class EigenInverse(DampedInverse):
         if flags[0]:
             try:
                 dt = pending.compute_dtype if pending.compute_dtype is not None else omega.dtype
-                eig = (*kron_math.eigh_psd(omega.to(dt)), *kron_math.eigh_psd(gamma.to(dt)))
+                eig = (
+                    *kron_math.eigh_psd(omega.to(dt), self.shape.omega_diagonal),
+                    *kron_math.eigh_psd(gamma.to(dt), self.shape.gamma_diagonal),
+                )
             except RuntimeError as err:  # eigh failed to converge
                 self._keep_previous(total, store, omega.device, reason=f"eigendecomposition failed ({err})")
         else:
             self._keep_previous(total, store, omega.device)
         if eig is not None:
-            self.d_omega, self.q_omega, self.d_gamma, self.q_gamma = (t.to(store) for t in eig)
+            self.d_omega, self.q_omega, self.d_gamma, self.q_gamma = (
+                None if t is None else t.to(store) for t in eig
+            )
             self.damping_total = torch.tensor(total, dtype=store, device=omega.device)
+            self.check_conditioning(eig[0], eig[2], total, store)
         self._extra = [torch.tensor(t, dtype=store, device=omega.device) for t in pending.totals[1:]]
 
     def select(self, index: int) -> None:
+        """Make candidate ``index`` of the last fit candidate 0 (no refit); drop the others."""
         if index:
             self.damping_total = self._extra[index - 1]
         self._extra = []
 
+    def check_conditioning(self, d_omega: Tensor, d_gamma: Tensor, total: float, store: torch.dtype) -> float:
+        """Warn, once per layer, if the damped block is beyond what ``store`` resolves; return ``kappa``.
+
+        The damped block's eigenvalues are ``d_G,i d_O,j + t`` (``t = λ + γ``), from
+        ``>= t`` up to ``max d_G max d_O + t``, so its condition number is at most
+        ``kappa = (max d_G max d_O + t) / t``. Eigenvalues below ``eps * max d_G max d_O``
+        (``eps`` of the stored dtype) are rounding error, not curvature; ``kappa > 1/eps``
+        means ``t`` is below that level and the solve scales those noise directions of the
+        gradient by up to ``1/t`` (a damping of 1e-12 sent the loss to 1e16 in 5 steps).
+        One host read per inverse update.
+        """
+        largest = float(d_omega.max()) * float(d_gamma.max())
+        kappa = (largest + total) / total
+        limit = 1.0 / torch.finfo(store).eps
+        if kappa > limit and not self._warned_conditioning:
+            self._warned_conditioning = True
+            warn(
+                f"kfc: layer {self.name!r}: the damped block is ill-conditioned (condition number "
+                f"{kappa:.2g} > 1/eps = {limit:.2g} in {store}): λ + γ = {total:.3g} is below the rounding "
+                f"level of its largest curvature {largest:.3g}, so directions the factors cannot resolve are "
+                "scaled by up to 1/(λ + γ); raise the damping γ"
+            )
+        return kappa
+
     def _install_identity(self, total: float, store: torch.dtype, device: torch.device) -> None:
-        self.q_omega = torch.eye(self.omega_dim, dtype=store, device=device)
-        self.q_gamma = torch.eye(self.gamma_dim, dtype=store, device=device)
-        self.d_omega = torch.zeros(self.omega_dim, dtype=store, device=device)
-        self.d_gamma = torch.zeros(self.gamma_dim, dtype=store, device=device)
+        shape = self.shape
+        self.q_omega = None if shape.omega_diagonal else shape.identity("omega", 1.0, store, device)
+        self.q_gamma = None if shape.gamma_diagonal else shape.identity("gamma", 1.0, store, device)
+        self.d_omega = torch.zeros(*shape.lead, self.omega_dim, dtype=store, device=device)
+        self.d_gamma = torch.zeros(*shape.lead, self.gamma_dim, dtype=store, device=device)
 
     def apply(self, grad: Tensor, index: int = 0) -> Tensor:
-        if self.q_omega is None or self.q_gamma is None or self.d_omega is None or self.d_gamma is None:
+        """``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + t)] Q_O^T`` (Eqns 42-44), ``t`` of candidate ``index``."""
+        if not self.ready or self.d_omega is None or self.d_gamma is None:
             raise RuntimeError(
                 f"kfc: layer {self.name!r} has no eigendecomposition; call update_inverses() first"
             )
         total = self.damping_total if index == 0 else self._extra[index - 1]
         assert total is not None
         return kron_math.kron_solve_eigen(
-            grad.to(self.q_omega.dtype), self.q_gamma, self.d_gamma, self.q_omega, self.d_omega, total
+            grad.to(self.d_omega.dtype), self.q_gamma, self.d_gamma, self.q_omega, self.d_omega, total
         )
 
     def summary(self) -> dict[str, Tensor]:
@@ -344,12 +569,142 @@ class EigenInverse(DampedInverse):
 
 
 #: Strategy class per damping mode.
-STRATEGIES: dict[DampingMode, type[DampedInverse]] = {
+STRATEGIES: dict[DampingMode, type[KroneckerInverse]] = {
     DampingMode.PI: PiCholeskyInverse,
     DampingMode.EXACT: EigenInverse,
 }
 
 
-def make_inverse(mode: DampingMode | str, name: str, omega_dim: int, gamma_dim: int) -> DampedInverse:
-    """The strategy for ``mode`` (see :data:`STRATEGIES`)."""
-    return STRATEGIES[DampingMode.parse(mode, "damping_mode")](name, omega_dim, gamma_dim)
+def make_inverse(
+    mode: DampingMode | str,
+    name: str,
+    omega_dim: int,
+    gamma_dim: int,
+    *,
+    groups: int = 1,
+    omega_diagonal: bool = False,
+    gamma_diagonal: bool = False,
+) -> KroneckerInverse:
+    """The strategy for ``mode`` (see :data:`STRATEGIES`) and the block's :class:`KroneckerShape`."""
+    return STRATEGIES[DampingMode.parse(mode, "damping_mode")](
+        name,
+        omega_dim,
+        gamma_dim,
+        groups=groups,
+        omega_diagonal=omega_diagonal,
+        gamma_diagonal=gamma_diagonal,
+    )
+
+
+@dataclass
+class _UnitPending:
+    fisher: Tensor
+    totals: list[float]
+    damped: list[Tensor] = field(default_factory=list)
+    inverse: list[Tensor] = field(default_factory=list)
+
+
+class UnitwiseInverse(DampedInverse):
+    """Exact damping of ``P`` independent ``d x d`` blocks: ``(F_p + (λ + γ) I)^{-1}``.
+
+    The factor is one tensor ``(P, d, d)`` (``d <= 2`` for a normalization layer's scale
+    and shift of one channel). Inverted by batched Cholesky; a failure (only possible
+    with ``λ + γ = 0``) takes a batched eigendecomposition with eigenvalues
+    clamped from below. The solve multiplies each unit's ``d``-vector by its inverse.
+    """
+
+    state_keys = ("inverse", "damping_total")
+
+    def __init__(self, name: str, units: int, dim: int) -> None:
+        super().__init__(name)
+        self.units, self.dim = units, dim
+        self.inverse: Tensor | None = None
+        self._extra: list[Tensor] = []
+        self._extra_totals: list[Tensor | None] = []
+        self._pending: _UnitPending | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether the per-unit inverses are installed."""
+        return self.inverse is not None
+
+    def prepare(
+        self, factors: Sequence[Tensor], totals: Sequence[float], compute_dtype: torch.dtype | None
+    ) -> Tensor:
+        """Batched Cholesky inverses of ``F_p + t I`` for every total ``t``; flags ``[finite, ok per t]``."""
+        (fisher,) = factors
+        dt = compute_dtype if compute_dtype is not None else fisher.dtype
+        pending = _UnitPending(fisher, list(totals))
+        oks = []
+        eye = torch.eye(self.dim, dtype=dt, device=fisher.device)
+        for total in totals:
+            damped = kron_math.symmetrize(fisher.to(dt)) + total * eye
+            inverse, ok = kron_math.cholesky_inverse_fast(damped)
+            pending.damped.append(damped)
+            pending.inverse.append(inverse)
+            oks.append(ok)
+        self._pending = pending
+        return torch.stack([torch.isfinite(fisher).all(), *oks])
+
+    def commit(self, flags: Sequence[bool]) -> None:
+        """Install the inverses; a failed Cholesky takes the clamped eigendecomposition (one warning)."""
+        pending, self._pending = self._pending, None
+        assert pending is not None, "commit() without prepare()"
+        store, device = pending.fisher.dtype, pending.fisher.device
+        fits: list[Tensor | None] = []
+        for i, total in enumerate(pending.totals):
+            inverse: Tensor | None = pending.inverse[i]
+            if not flags[0]:
+                inverse = None
+            elif not flags[1 + i]:
+                inverse = _clamped_eigen_inverse(pending.damped[i])
+                warn(
+                    f"kfc: layer {self.name!r}: damped unit blocks not positive definite; "
+                    "inverted with eigenvalues clamped from below"
+                )
+            if inverse is None:
+                fits.append(None)
+                if i == 0:
+                    self._keep_previous(total, store, device)
+                continue
+            if i == 0:
+                self.inverse = inverse.to(store)
+                self.damping_total = torch.tensor(total, dtype=store, device=device)
+            fits.append(inverse.to(store))
+        assert self.inverse is not None
+        self._extra = [fit if fit is not None else self.inverse for fit in fits[1:]]
+        self._extra_totals = [
+            torch.tensor(t, dtype=store, device=device) if fit is not None else self.damping_total
+            for t, fit in zip(pending.totals[1:], fits[1:], strict=True)
+        ]
+
+    def select(self, index: int) -> None:
+        """Make candidate ``index`` of the last fit candidate 0 (no refit); drop the others."""
+        if index:
+            self.inverse = self._extra[index - 1]
+            self.damping_total = self._extra_totals[index - 1]
+        self._extra, self._extra_totals = [], []
+
+    def _install_identity(self, total: float, store: torch.dtype, device: torch.device) -> None:
+        scale = 1.0 / total if total > 0 else 1.0
+        eye = torch.eye(self.dim, dtype=store, device=device) * scale
+        self.inverse = eye.expand(self.units, self.dim, self.dim).clone()
+
+    def apply(self, grad: Tensor, index: int = 0) -> Tensor:
+        """``(F_p + t I)^{-1} g_p`` for every unit ``p`` of ``grad`` ``(P, d)``."""
+        if self.inverse is None:
+            raise RuntimeError(f"kfc: layer {self.name!r} has no inverses; call update_inverses() first")
+        inverse = self.inverse if index == 0 else self._extra[index - 1]
+        return (inverse @ grad.to(inverse.dtype).unsqueeze(-1)).squeeze(-1)
+
+    def summary(self) -> dict[str, Tensor]:
+        """Nothing to report: the unit blocks are damped exactly."""
+        return {}
+
+
+def _clamped_eigen_inverse(mat: Tensor) -> Tensor:
+    """Batched inverse of symmetric ``(P, d, d)`` with eigenvalues clamped to ``>= 1e-12 * max``."""
+    evals, evecs = torch.linalg.eigh(kron_math.symmetrize(mat.to(torch.float64)))
+    floor = max(float(evals.abs().max()) * 1e-12 if evals.numel() else 1.0, 1e-30)
+    inv = (evecs / evals.clamp(min=floor).unsqueeze(-2)) @ evecs.mT
+    return inv.to(mat.dtype)

@@ -9,20 +9,31 @@ inverse update. An optimizer calls, per Algorithm 1 (Appendix A.1):
    called repeatedly: the initialisation batches are averaged with equal weight);
 2. ``update_statistics(x)`` every ``T_s`` iterations (EMA, Eqn 33);
 3. ``update_inverses(gamma, lam)`` every ``T_f`` iterations;
-4. ``precondition({name: G})`` every iteration, with ``G = [grad_b | grad_W.flatten(1)]``
-   (build it with ``blocks[name].combine(...)``, take it apart with ``blocks[name].split(...)``).
+4. ``precondition({name: G})`` every iteration, with ``G`` the gradient in the block's
+   layout (``[grad_b | grad_W.flatten(1)]`` for a Kronecker block; build it with
+   ``blocks[name].combine(...)`` or ``blocks[name].combined_grad()``, take it apart with
+   ``blocks[name].split(...)``).
 
 ``update_statistics`` is :meth:`~KFCCurvature.estimate_statistics` followed by
 :meth:`~KFCCurvature.fold_statistics`; a data-parallel wrapper reduces the estimates
-across ranks between the two.
+across ranks between the two. Gradient accumulation: pass the micro-batches of one
+step as a list; their estimates are combined by an example-weighted mean
+(:class:`~kfcrun.curvature.factors.EstimateAccumulator`), which equals the estimate of
+one batch made of all of them, and folded in once.
+
+Blocks are heterogeneous (:mod:`kfcrun.curvature.blocks`: Kronecker blocks for
+convolutions, Linear and Embedding layers; per-channel blocks for normalization
+layers); the manager only uses their common interface. Modules with trainable
+parameters that no block covers are named in ONE warning at construction; their
+parameters take the optimizer's plain step.
 
 Damping (``lam`` = weight decay of the layer, ``gamma`` = damping), by
 :class:`~kfcrun.curvature.vocabulary.DampingMode`:
 
-* ``"pi"`` (Eqn 28): ``(Omega + pi sqrt(lam+gamma) I) ⊗ (Gamma + sqrt(lam+gamma)/pi I)``,
+* ``"pi"`` (Eqn 28): ``(Omega + pi sqrt(λ + γ) I) ⊗ (Gamma + sqrt(λ + γ)/pi I)``,
   ``pi`` the trace-norm ratio (Eqn 10); result ``Gamma_d^{-1} G Omega_d^{-1}`` (Eqn 29).
-* ``"exact"`` (Eqns 39-44): ``(Omega ⊗ Gamma + (lam+gamma) I)^{-1} vec(G)`` through
-  the eigendecompositions of both factors (needs ``lam + gamma > 0``).
+* ``"exact"`` (Eqns 39-44): ``(Omega ⊗ Gamma + (λ + γ) I)^{-1} vec(G)`` through
+  the eigendecompositions of both factors (needs ``λ + γ > 0``).
 
 Several damping values may be fitted at once (``update_inverses([g0, g1, g2], lam)``)
 and solved with ``precondition(grads, index=i)``; :meth:`KFCCurvature.select_damping`
@@ -48,14 +59,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .blocks import KroneckerBlock, make_block
-from .coverage import kfc_layers
+from .blocks import DEFAULT_MAX_FACTOR_DIM, CurvatureBlock, Estimate, make_block
+from .coverage import canonical_name, kfc_layers, uncovered_modules, unmatched_patterns
 from .diagnostics import KFCCurvatureWarning, warn
-from .factors import block_estimates
+from .factors import EstimateAccumulator, block_estimates
 from .fisher import make_loss_fn
+from .likelihoods import Likelihood, make_likelihood
 from .vocabulary import DampingMode, FisherType, OmegaModel
 
-__all__ = ["InverseUpdate", "KFCCurvature", "KFCCurvatureWarning", "StatisticsUpdate"]
+__all__ = ["InverseUpdate", "KFCCurvature", "KFCCurvatureWarning", "MicroBatches", "StatisticsUpdate"]
+
+#: One mini-batch, or the micro-batches of one step (gradient accumulation).
+MicroBatches = Tensor | Sequence[Tensor]
 
 _STATE_FORMAT = 1
 
@@ -97,7 +112,7 @@ class KFCCurvature:
     """Kronecker-factored curvature (KFC) of every layer :func:`~kfcrun.curvature.coverage.kfc_layers` covers.
 
     Args:
-        model: maps inputs to logits (class dim 1).
+        model: maps inputs to the output the likelihood is about (e.g. logits, class dim 1).
         stat_decay: ``xi`` of the running averages (Eqn 33), in ``[0, 1)``.
         damping_mode: ``"pi"`` (Eqn 28, factored) or ``"exact"`` (Eqns 39-44).
         fisher_type: ``"sampled"`` (targets sampled from the model, the paper's choice),
@@ -108,12 +123,21 @@ class KFCCurvature:
         inverse_dtype: dtype the damped inverses / eigendecompositions are computed in
             (``None``: the factors' dtype). Results are stored in the factors' dtype.
         omega_model: ``"kfc"`` or ``"sua"``: the conv Omega model (see
-            :class:`~kfcrun.curvature.blocks.Conv2dBlock`).
+            :class:`~kfcrun.curvature.blocks.ConvBlock`).
         ema_warmup: use ``xi_k = min(1 - 1/k, xi)`` for the ``k``-th statistics update
             (see the module docstring); ``False`` is Eqn 33 with a constant ``xi``.
+        likelihood: the output distribution (:mod:`kfcrun.curvature.likelihoods`): a name
+            (``"cross_entropy"``, ``"gaussian"``, ``"bernoulli"``) or a
+            :class:`~kfcrun.curvature.likelihoods.Likelihood`.
+        skip_layers: names or patterns of modules to leave out (plain step), see
+            :func:`~kfcrun.curvature.coverage.layer_matches`.
+        max_factor_dim: a Kronecker factor larger than this is kept as its diagonal
+            (:class:`~kfcrun.curvature.blocks.KroneckerBlock`); ``None``: no cap.
 
     Attributes:
-        blocks: ``name -> block`` for every covered layer, in ``named_modules`` order.
+        blocks: ``name -> block`` for every covered module, in ``named_modules`` order.
+        uncovered: ``{module name: [parameter names]}`` of trainable parameters no block
+            covers (skipped layers excluded); they take the optimizer's plain step.
     """
 
     def __init__(
@@ -127,6 +151,9 @@ class KFCCurvature:
         inverse_dtype: torch.dtype | None = torch.float64,
         omega_model: OmegaModel | str = OmegaModel.KFC,
         ema_warmup: bool = False,
+        likelihood: Likelihood | str = "cross_entropy",
+        skip_layers: Sequence[str] = (),
+        max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
     ) -> None:
         if not 0.0 <= stat_decay < 1.0:
             raise ValueError(f"stat_decay must be in [0, 1), got {stat_decay}")
@@ -139,10 +166,34 @@ class KFCCurvature:
         self.fisher_type = FisherType.parse(fisher_type, "fisher_type")
         self.chunk_size = chunk_size
         self.inverse_dtype = inverse_dtype
-        self.blocks: dict[str, KroneckerBlock] = {
-            name: make_block(name, m, damping_mode=self.damping_mode, omega_model=omega_model)
-            for name, m in kfc_layers(model).items()
+        if max_factor_dim is not None and max_factor_dim < 1:
+            raise ValueError(f"max_factor_dim must be >= 1 or None, got {max_factor_dim}")
+        skip = [skip_layers] if isinstance(skip_layers, str) else list(skip_layers)
+        unknown = unmatched_patterns(model, skip)
+        if unknown:
+            raise ValueError(f"kfc: skip_layers entries {unknown} name no module of the model")
+        self.likelihood: Likelihood = make_likelihood(likelihood)
+        self.blocks: dict[str, CurvatureBlock] = {
+            name: make_block(
+                name,
+                m,
+                damping_mode=self.damping_mode,
+                omega_model=omega_model,
+                max_factor_dim=max_factor_dim,
+            )
+            for name, m in kfc_layers(model, skip).items()
         }
+        self.uncovered = uncovered_modules(model, skip)
+        if self.uncovered:
+            types = {canonical_name(n): type(m).__name__ for n, m in model.named_modules()}
+            listed = ", ".join(
+                f"{name or '<root>'} ({types.get(name, '?')}: {', '.join(params)})"
+                for name, params in self.uncovered.items()
+            )
+            warn(
+                f"kfc: {len(self.uncovered)} module(s) have trainable parameters without a curvature block; "
+                f"they take the plain (unpreconditioned) step: {listed}"
+            )
         self.num_init_batches = 0  # initialisation batches averaged into the factors
         self.num_ema_updates = 0  # Eqn 33 updates since the initialisation
         self.num_inverse_updates = 0
@@ -161,21 +212,53 @@ class KFCCurvature:
         """Whether the damped inverses have been computed at least once."""
         return self.num_inverse_updates > 0
 
+    def coverage(self) -> dict[str, str]:
+        """``{module name: block kind}`` of the covered modules, e.g. ``{"conv1": "conv2d"}``."""
+        return {name: block.kind for name, block in self.blocks.items()}
+
     # -- statistics ---------------------------------------------------------------------------
     def estimate_statistics(
-        self, inputs: Tensor, targets: Tensor | None = None, *, generator: torch.Generator | None = None
-    ) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{name: (Omega_hat, Gamma_hat)}`` (Eqn 32) on all of ``inputs``, without folding them in.
+        self,
+        inputs: MicroBatches,
+        targets: MicroBatches | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Estimate]:
+        """``{name: estimate}`` (Eqn 32; ``(Omega_hat, Gamma_hat)`` for Kronecker blocks), not folded in.
 
+        ``inputs`` is one mini-batch or a list of micro-batches (and ``targets`` likewise):
+        micro-batches are run one at a time and their estimates combined by an
+        example-weighted mean, which is the estimate of their union.
         Targets: sampled from the model with ``generator`` (``"sampled"``), the expectation
-        (``"expected"``) or ``targets`` (``"empirical"``, required then).
+        (``"expected"``) or ``targets`` (``"empirical"``, required then; also required by a
+        likelihood that masks positions).
         """
-        loss_fn = make_loss_fn(self.fisher_type, targets=targets, generator=generator)
+        batches = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+        labels: list[Tensor | None]
+        if targets is None:
+            labels = [None] * len(batches)
+        else:
+            labels = [targets] if isinstance(targets, Tensor) else list(targets)
+        if len(labels) != len(batches):
+            raise ValueError(f"kfc: {len(batches)} micro-batches of inputs but {len(labels)} of targets")
+        if len(batches) == 1:
+            return self._estimate_one(batches[0], labels[0], generator)
+        accumulator = EstimateAccumulator()
+        for batch, label in zip(batches, labels, strict=True):
+            accumulator.add(self._estimate_one(batch, label, generator), batch.shape[0])
+        return accumulator.result()
+
+    def _estimate_one(
+        self, inputs: Tensor, targets: Tensor | None, generator: torch.Generator | None
+    ) -> dict[str, Estimate]:
+        loss_fn = make_loss_fn(
+            self.fisher_type, targets=targets, generator=generator, likelihood=self.likelihood
+        )
         return block_estimates(self.model, inputs, loss_fn, self.blocks, chunk_size=self.chunk_size)
 
     def fold_statistics(
         self,
-        estimates: Mapping[str, tuple[Tensor, Tensor]],
+        estimates: Mapping[str, Sequence[Tensor]],
         *,
         init: bool = False,
         examples: int | None = None,
@@ -194,12 +277,12 @@ class KFCCurvature:
             self.init_examples = 0
         decay = self.stat_decay if init else self._next_decay(examples)
         oks: list[Tensor] = []
-        for name, (omega_hat, gamma_hat) in estimates.items():
+        for name, estimate in estimates.items():
             block = self.blocks[name]
             if init:
-                oks.append(block.accumulate_init(omega_hat, gamma_hat, self.num_init_batches))
+                oks.append(block.accumulate_init(estimate, self.num_init_batches))
             else:
-                oks.append(block.update_ema(omega_hat, gamma_hat, decay))
+                oks.append(block.update_ema(estimate, decay))
         for name in [n for n in self.blocks if n not in estimates]:
             if name not in self._warned_unused:
                 self._warned_unused.add(name)
@@ -228,25 +311,28 @@ class KFCCurvature:
 
     def update_statistics(
         self,
-        inputs: Tensor,
-        targets: Tensor | None = None,
+        inputs: MicroBatches,
+        targets: MicroBatches | None = None,
         *,
         generator: torch.Generator | None = None,
         init: bool = False,
     ) -> StatisticsUpdate:
-        """:meth:`estimate_statistics` on all of ``inputs``, then :meth:`fold_statistics`."""
+        """:meth:`estimate_statistics` on a batch (or micro-batches), then :meth:`fold_statistics`."""
         start = time.perf_counter()
         estimates = self.estimate_statistics(inputs, targets, generator=generator)
-        nonfinite = self.fold_statistics(estimates, init=init, examples=inputs.shape[0])
-        return StatisticsUpdate(inputs.shape[0], nonfinite, time.perf_counter() - start)
+        examples = inputs.shape[0] if isinstance(inputs, Tensor) else sum(x.shape[0] for x in inputs)
+        nonfinite = self.fold_statistics(estimates, init=init, examples=examples)
+        return StatisticsUpdate(examples, nonfinite, time.perf_counter() - start)
 
     # -- inverses -----------------------------------------------------------------------------
     def _weight_decays(self, weight_decay: Mapping[str, float] | float) -> dict[str, float]:
         if isinstance(weight_decay, Mapping):
-            missing = [n for n in self.blocks if n not in weight_decay]
-            if missing:
-                raise ValueError(f"weight_decay has no entry for layers {missing}")
-            return {n: float(weight_decay[n]) for n in self.blocks}
+            unknown = [n for n in weight_decay if n not in self.blocks]
+            if unknown:
+                raise ValueError(
+                    f"weight_decay names layers without a block: {unknown}; known: {list(self.blocks)}"
+                )
+            return {n: float(weight_decay.get(n, 0.0)) for n in self.blocks}
         return dict.fromkeys(self.blocks, float(weight_decay))
 
     def update_inverses(
@@ -254,12 +340,13 @@ class KFCCurvature:
     ) -> InverseUpdate:
         """Refit every block's damped inverse from the current factors.
 
-        ``damping`` is ``gamma``, or several values to fit at once (candidate ``i`` is
+        ``damping`` is ``γ``, or several values to fit at once (candidate ``i`` is
         solved by ``precondition(..., index=i)``); ``weight_decay`` is ``lam``, one float
-        for all layers or a ``{name: lam}`` dict covering every layer. Reads every
-        block's success flags in one host sync, then finishes each fit.
+        for all blocks or a ``{name: lam}`` dict (blocks it leaves out get 0, e.g. the
+        normalization layers, which carry no weight decay). Reads every block's success
+        flags in one host sync, then finishes each fit.
         """
-        if not self.has_statistics and any(b.omega is None for b in self.blocks.values()):
+        if not self.has_statistics and any(b.factors() is None for b in self.blocks.values()):
             raise RuntimeError("KFCCurvature.update_inverses() called before any update_statistics()")
         start = time.perf_counter()
         dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(d) for d in damping]
@@ -268,14 +355,18 @@ class KFCCurvature:
         for name, block in self.blocks.items():
             for total in totals[name]:
                 if not math.isfinite(total) or total < 0:
-                    raise ValueError(f"lam + gamma must be finite and >= 0, got {total} for layer {name!r}")
+                    raise ValueError(
+                        f"weight decay + damping (λ + γ) must be finite and >= 0, "
+                        f"got {total} for layer {name!r}"
+                    )
                 if block.inverse.needs_positive_total and total <= 0:
                     raise ValueError(
-                        f"damping_mode={self.damping_mode.value!r} needs lam + gamma > 0, "
+                        f"damping_mode={self.damping_mode.value!r} needs weight decay + damping (λ + γ) > 0, "
                         f"got {total} for layer {name!r}"
                     )
         pending = {
-            name: block.prepare_inverse(totals[name], self.inverse_dtype) for name, block in self.blocks.items()
+            name: block.prepare_inverse(totals[name], self.inverse_dtype)
+            for name, block in self.blocks.items()
         }
         flags = _read_flags(list(pending.values()))
         result = InverseUpdate()
@@ -298,12 +389,14 @@ class KFCCurvature:
 
     # -- preconditioning ----------------------------------------------------------------------
     def precondition(self, grads: Mapping[str, Tensor], index: int = 0) -> dict[str, Tensor]:
-        """Apply each layer's inverse damped Fisher block to its combined gradient ``G``.
+        """Apply each block's inverse damped Fisher block to its gradient in the block's layout.
 
-        ``grads[name]`` has shape ``I x omega_dim``. Pi mode: ``Gamma_d^{-1} G Omega_d^{-1}``
-        (Eqn 29); exact mode: ``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + lam + gamma)] Q_O^T``
-        (Eqns 42-44). ``index`` picks the damping candidate of the last ``update_inverses``.
-        Returns tensors of the same shape and dtype as the inputs.
+        ``grads[name]`` has shape ``blocks[name].layout_shape`` (``I x omega_dim`` for a
+        Kronecker block). Pi mode: ``Gamma_d^{-1} G Omega_d^{-1}`` (Eqn 29); exact mode:
+        ``Q_G [(Q_G^T G Q_O) / (d_G d_O^T + λ + γ)] Q_O^T`` (Eqns 42-44); a
+        normalization block: ``(F_c + (λ + γ) I)^{-1} g_c`` per channel. ``index``
+        picks the damping candidate of the last ``update_inverses``. Returns tensors of
+        the same shape and dtype as the inputs.
         """
         out: dict[str, Tensor] = {}
         for name, grad in grads.items():

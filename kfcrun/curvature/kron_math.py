@@ -12,6 +12,14 @@ Notation and equation numbers follow Grosse & Martens (2016):
   ``M`` only; ``Gamma_hat = 1/(M|T|) DS^T DS`` (Eqn 32).
 * A combined parameter matrix ``W_bar = [b | W]`` has shape ``I x (1 + J|Δ|)``;
   ``vec`` stacks columns, so ``(Omega ⊗ Gamma) vec(G) = vec(Gamma G Omega)``.
+
+Two generalisations run through the damping and solve functions:
+
+* **leading batch dims**: a factor of shape ``(g, k, k)`` is ``g`` independent blocks
+  (a grouped convolution has one Kronecker block per group), solved together;
+* **diagonal factors**: a factor stored as its diagonal ``(..., k)`` (flag
+  ``*_diagonal=True``) stands for ``diag(d)``; used above a size cap, where the full
+  ``k x k`` factor would not fit, and for an embedding's exactly diagonal input factor.
 """
 
 from __future__ import annotations
@@ -27,19 +35,23 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_PATCH_BUDGET_BYTES",
     "accumulation_dtype",
+    "add_to_diagonal",
     "cholesky_inverse_fast",
     "conv_omega",
     "conv_omega_sua",
     "conv_padding",
     "damped_factors",
+    "diagonal_inverse_fast",
     "eigh_psd",
     "expand_patches",
     "gamma_from_derivatives",
+    "gamma_sum",
     "homogeneous_moment",
     "inverse_fallback",
     "kron_solve_eigen",
     "kron_solve_pi",
     "linear_omega",
+    "mean_diagonal",
     "patch_rows",
     "pi_trace_norm",
     "symmetrize",
@@ -118,26 +130,36 @@ def expand_patches(
     """
     (pt, pb), (pl, pr) = padding
     if pt == pb and pl == pr:
-        return F.unfold(x, kernel_size, dilation=dilation, padding=(pt, pl), stride=stride)
+        # torch's stub for unfold wants int | tuple, but it takes any int sequence (_pair): ignores.
+        return F.unfold(x, kernel_size, dilation=dilation, padding=(pt, pl), stride=stride)  # type: ignore[arg-type]
     x = F.pad(x, (pl, pr, pt, pb))
-    return F.unfold(x, kernel_size, dilation=dilation, padding=0, stride=stride)
+    return F.unfold(x, kernel_size, dilation=dilation, padding=0, stride=stride)  # type: ignore[arg-type]
 
 
-def homogeneous_moment(sum_aa: Tensor, col_sum: Tensor | None, num_rows: int, num_examples: int) -> Tensor:
+def homogeneous_moment(
+    sum_aa: Tensor, col_sum: Tensor | None, num_rows: int, num_examples: int, *, diagonal: bool = False
+) -> Tensor:
     """Assemble ``(1/M) [[A]]_H^T [[A]]_H`` without materialising the ones column.
 
     With ``n`` rows, ``[[A]]_H^T [[A]]_H = [[n, s^T], [s, [[A]]^T [[A]]]]`` where ``s``
     is the vector of column sums. ``col_sum=None`` means no bias: no homogeneous
-    coordinate, the result is ``sum_aa / M``.
+    coordinate, the result is ``sum_aa / M``. Leading batch dims (groups) are kept;
+    ``diagonal=True`` means ``sum_aa`` is the diagonal ``(..., k)`` and so is the result
+    (``[n, diag(sum_aa)] / M``).
     """
     if col_sum is None:
         return sum_aa / num_examples
-    k = sum_aa.shape[0]
-    out = sum_aa.new_empty(k + 1, k + 1)
-    out[0, 0] = num_rows
-    out[0, 1:] = col_sum
-    out[1:, 0] = col_sum
-    out[1:, 1:] = sum_aa
+    k = sum_aa.shape[-1]
+    if diagonal:
+        out = sum_aa.new_empty(*sum_aa.shape[:-1], k + 1)
+        out[..., 0] = num_rows
+        out[..., 1:] = sum_aa
+        return out.div_(num_examples)
+    out = sum_aa.new_empty(*sum_aa.shape[:-2], k + 1, k + 1)
+    out[..., 0, 0] = num_rows
+    out[..., 0, 1:] = col_sum
+    out[..., 1:, 0] = col_sum
+    out[..., 1:, 1:] = sum_aa
     return out.div_(num_examples)
 
 
@@ -192,6 +214,8 @@ def conv_omega(
     dilation: int | Sequence[int] = 1,
     homogeneous: bool = True,
     chunk_size: int | None = None,
+    groups: int = 1,
+    diagonal: bool = False,
 ) -> Tensor:
     """``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` (Eqn 32) for a conv input ``x`` ``(M, J, H, W)``.
 
@@ -199,38 +223,62 @@ def conv_omega(
     by ``M`` only. Shape ``(1 + J|Δ|)^2`` with the homogeneous coordinate at index 0
     when ``homogeneous`` (layer has a bias), else ``(J|Δ|)^2``.
 
+    ``groups = g > 1`` (grouped convolution): output group ``i`` sees only input channels
+    ``i J/g .. (i+1) J/g - 1``, so its block is built from those channels' patches alone;
+    the result is ``(g, k, k)`` with ``k = (J/g)|Δ| [+1]``, one Omega per group.
+    ``diagonal=True`` returns only the diagonal (shape ``(..., k)``): the sum of squared
+    patch entries per column (and ``|T|`` at the homogeneous index).
+
     The expansion is built ``chunk_size`` examples at a time (default: as many as fit
     :data:`DEFAULT_PATCH_BUDGET_BYTES`) by :func:`patch_rows` as one ``(J|Δ|, c|T|)``
     matrix, and multiplied by its own transpose with ``addmm_`` accumulating in place.
-    Only the lower triangle is accumulated (a few row-block GEMMs, see
-    :func:`_row_blocks`) and mirrored once at the end.
+    For ``groups = 1`` only the lower triangle is accumulated (a few row-block GEMMs,
+    see :func:`_row_blocks`) and mirrored once at the end; groups use one batched GEMM.
     """
     m = x.shape[0]
     acc = accumulation_dtype(x.dtype)
     kh, kw = _pair(kernel_size)
-    k = x.shape[1] * kh * kw
+    k_all = x.shape[1] * kh * kw
+    if x.shape[1] % groups:
+        raise ValueError(f"{x.shape[1]} input channels do not split into {groups} groups")
+    k = k_all // groups
     if chunk_size is None:
         # Bytes of one example's patches: J|Δ| x |T| (|T| approximated by the input grid).
-        per_example = max(1, k * x.shape[2] * x.shape[3] * torch.finfo(acc).bits // 8)
+        per_example = max(1, k_all * x.shape[2] * x.shape[3] * torch.finfo(acc).bits // 8)
         chunk_size = max(1, DEFAULT_PATCH_BUDGET_BYTES // per_example)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead = (groups,) if groups > 1 else ()
+    if diagonal:
+        total = torch.zeros(*lead, k, dtype=acc, device=x.device)
+    elif groups > 1:
+        total = torch.zeros(groups, k, k, dtype=acc, device=x.device)
+    else:
+        total = torch.zeros(k, k, dtype=acc, device=x.device)
     blocks = _row_blocks(k)
-    lower = torch.zeros(k, k, dtype=acc, device=x.device)
-    col_sum = torch.zeros(k, dtype=acc, device=x.device) if homogeneous else None
+    col_sum = torch.zeros(*lead, k, dtype=acc, device=x.device) if homogeneous else None
     num_rows = 0
     for start in range(0, m, chunk_size):
         rows = patch_rows(
             x[start : start + chunk_size].to(acc), (kh, kw), stride=stride, padding=padding, dilation=dilation
         )
-        for lo, hi in blocks:
-            lower[lo:hi, :hi].addmm_(rows[lo:hi], rows[:hi].T)
+        if diagonal:
+            total += rows.square().sum(dim=1).reshape(total.shape)
+        elif groups > 1:
+            grouped = rows.reshape(groups, k, rows.shape[1])
+            total.baddbmm_(grouped, grouped.mT)
+        else:
+            for lo, hi in blocks:
+                total[lo:hi, :hi].addmm_(rows[lo:hi], rows[:hi].T)
         if col_sum is not None:
-            col_sum += rows.sum(dim=1)
+            col_sum += rows.sum(dim=1).reshape(col_sum.shape)
         num_rows += rows.shape[1]
-    # Mirror the strict lower triangle: the result is exactly symmetric.
-    sum_aa = lower.tril() + lower.tril(-1).T
-    return homogeneous_moment(sum_aa, col_sum, num_rows, m)
+    if not diagonal and groups == 1:
+        # Mirror the strict lower triangle: the result is exactly symmetric.
+        total = total.tril() + total.tril(-1).T
+    elif not diagonal:
+        total = symmetrize(total)
+    return homogeneous_moment(total, col_sum, num_rows, m, diagonal=diagonal)
 
 
 def conv_omega_sua(
@@ -277,22 +325,45 @@ def conv_omega_sua(
     return out
 
 
-def linear_omega(a: Tensor, *, homogeneous: bool = True) -> Tensor:
+def linear_omega(a: Tensor, *, homogeneous: bool = True, diagonal: bool = False) -> Tensor:
     """``Psi_hat = (1/M) sum_rows a_bar a_bar^T`` for a Linear input ``a`` of shape ``(M, ..., in)``.
 
     Dim 0 indexes the ``M`` examples; any further leading dims are treated as
     positions (|T| = their product), exactly like the rows of a conv's ``[[A]]``:
     summed over all rows and divided by ``M`` only. For a plain ``(M, in)`` input this
     is standard K-FAC ``E[a_bar a_bar^T]`` (Eqn 6) with ``a_bar = (1, a)``.
+    ``diagonal=True`` returns only the diagonal.
     """
     m = a.shape[0]
     rows = a.reshape(-1, a.shape[-1]).to(accumulation_dtype(a.dtype))
-    sum_aa = rows.T @ rows
+    sum_aa = rows.square().sum(dim=0) if diagonal else rows.T @ rows
     col_sum = rows.sum(dim=0) if homogeneous else None
-    return homogeneous_moment(sum_aa, col_sum, rows.shape[0], m)
+    return homogeneous_moment(sum_aa, col_sum, rows.shape[0], m, diagonal=diagonal)
 
 
-def gamma_from_derivatives(derivatives: Iterable[Tensor], *, channel_dim: int) -> Tensor:
+def gamma_sum(ds: Tensor, *, channel_dim: int, groups: int = 1, diagonal: bool = False) -> tuple[Tensor, int]:
+    """``(DS^T DS, rows)`` of one backward pass: the unnormalised Gamma sum and its row count ``M|T|``.
+
+    ``ds`` has the layer output's shape; ``channel_dim`` holds the ``I`` output channels.
+    ``groups = g > 1`` gives ``(g, I/g, I/g)``: output group ``i``'s channels only (a
+    grouped conv's block-diagonal structure). ``diagonal=True`` gives only the diagonal.
+    """
+    # (I, M|T|): channels first, then one GEMM with its own transpose.
+    cols = ds.movedim(channel_dim, 0).reshape(ds.shape[channel_dim], -1)
+    cols = cols.to(accumulation_dtype(cols.dtype))
+    rows = cols.shape[1]
+    if diagonal:
+        out = cols.square().sum(dim=1)
+        return (out.reshape(groups, -1) if groups > 1 else out), rows
+    if groups > 1:
+        grouped = cols.reshape(groups, -1, rows)
+        return grouped @ grouped.mT, rows
+    return cols @ cols.T, rows
+
+
+def gamma_from_derivatives(
+    derivatives: Iterable[Tensor], *, channel_dim: int, groups: int = 1, diagonal: bool = False
+) -> Tensor:
     """``Gamma_hat = 1/(M|T|) sum_k DS_k^T DS_k`` (Eqn 32).
 
     Each ``DS_k`` holds the derivatives of the per-example loss w.r.t. the layer
@@ -301,13 +372,12 @@ def gamma_from_derivatives(derivatives: Iterable[Tensor], *, channel_dim: int) -
     pass covers all ``M|T|`` rows once, so each is divided by ``M|T|``. Several passes
     (one per column of a square root of the output Fisher) are summed, which turns
     the one-sample Monte-Carlo estimate into the exact expectation over targets.
+    ``groups``/``diagonal``: see :func:`gamma_sum`.
     """
     total: Tensor | None = None
     for ds in derivatives:
-        # (I, M|T|): channels first, then one GEMM with its own transpose.
-        cols = ds.movedim(channel_dim, 0).reshape(ds.shape[channel_dim], -1)
-        cols = cols.to(accumulation_dtype(cols.dtype))
-        part = (cols @ cols.T).div_(max(cols.shape[1], 1))
+        part, rows = gamma_sum(ds, channel_dim=channel_dim, groups=groups, diagonal=diagonal)
+        part = part.div_(max(rows, 1))
         total = part if total is None else total.add_(part)
     if total is None:
         raise ValueError("gamma_from_derivatives needs at least one derivative tensor")
@@ -315,71 +385,116 @@ def gamma_from_derivatives(derivatives: Iterable[Tensor], *, channel_dim: int) -
 
 
 def symmetrize(mat: Tensor) -> Tensor:
-    """``(mat + mat^T) / 2``; factors are symmetric in exact arithmetic, not after rounding."""
-    return (mat + mat.T) * 0.5
+    """``(mat + mat^T) / 2`` over the last two dims: symmetric in exact arithmetic is not after rounding."""
+    return (mat + mat.mT) * 0.5
 
 
-def pi_trace_norm(omega: Tensor, gamma: Tensor) -> Tensor:
+def mean_diagonal(factor: Tensor, diagonal: bool = False) -> Tensor:
+    """``tr(F) / dim(F)`` per block (leading dims kept); ``diagonal``: ``factor`` is ``diag(F)``."""
+    return factor.mean(dim=-1) if diagonal else torch.diagonal(factor, dim1=-2, dim2=-1).mean(dim=-1)
+
+
+def pi_trace_norm(
+    omega: Tensor, gamma: Tensor, *, omega_diagonal: bool = False, gamma_diagonal: bool = False
+) -> Tensor:
     """``pi = sqrt((tr(Omega)/dim Omega) / (tr(Gamma)/dim Gamma))`` (Eqn 10, trace norm).
 
-    Returns a 0-d tensor without a host sync. Guard: when either trace is zero,
-    negative or non-finite the formula is meaningless and ``pi = 1`` is returned
-    (the damping is then split evenly between the factors).
+    Returns a tensor of the factors' batch shape (0-d for one block) without a host
+    sync. Guard: when either trace is zero, negative or non-finite the formula is
+    meaningless and ``pi = 1`` is returned (the damping is then split evenly).
     """
-    ratio = (torch.diagonal(omega).mean()) / (torch.diagonal(gamma).mean())
+    ratio = mean_diagonal(omega, omega_diagonal) / mean_diagonal(gamma, gamma_diagonal)
     pi = torch.sqrt(ratio)
     good = torch.isfinite(pi) & (pi > 0)
     return torch.where(good, pi, torch.ones_like(pi))
 
 
-def damped_factors(omega: Tensor, gamma: Tensor, damping_total: float) -> tuple[Tensor, Tensor, Tensor]:
+def add_to_diagonal(factor: Tensor, value: Tensor, diagonal: bool = False) -> Tensor:
+    """``F + value I`` in place (``value`` has the batch shape, broadcast over each block's diagonal)."""
+    target = factor if diagonal else torch.diagonal(factor, dim1=-2, dim2=-1)
+    target.add_(value.unsqueeze(-1))
+    return factor
+
+
+def damped_factors(
+    omega: Tensor,
+    gamma: Tensor,
+    damping_total: float,
+    *,
+    omega_diagonal: bool = False,
+    gamma_diagonal: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Factored Tikhonov damping, Eqn 28.
 
-    ``Omega_d = Omega + pi sqrt(lam+gamma) I`` and ``Gamma_d = Gamma + (1/pi) sqrt(lam+gamma) I``
-    with ``damping_total = lam + gamma`` (weight decay plus damping) and ``pi`` from
-    :func:`pi_trace_norm`. Inputs are symmetrised first. Returns ``(Omega_d, Gamma_d, pi)``.
+    ``Omega_d = Omega + pi sqrt(λ + γ) I`` and ``Gamma_d = Gamma + (1/pi) sqrt(λ + γ) I``
+    with ``damping_total = λ + γ`` (weight decay plus damping) and ``pi`` from
+    :func:`pi_trace_norm`, one ``pi`` per block of a batch. Full factors are symmetrised
+    first. Returns ``(Omega_d, Gamma_d, pi)``.
     """
     if damping_total < 0 or not math.isfinite(damping_total):
-        raise ValueError(f"lam + gamma must be finite and >= 0, got {damping_total}")
-    omega_s, gamma_s = symmetrize(omega), symmetrize(gamma)
-    pi = pi_trace_norm(omega_s, gamma_s)
+        raise ValueError(f"weight decay + damping (λ + γ) must be finite and >= 0, got {damping_total}")
+    omega_s = omega.clone() if omega_diagonal else symmetrize(omega)
+    gamma_s = gamma.clone() if gamma_diagonal else symmetrize(gamma)
+    pi = pi_trace_norm(omega_s, gamma_s, omega_diagonal=omega_diagonal, gamma_diagonal=gamma_diagonal)
     root = math.sqrt(damping_total)
-    omega_s.diagonal().add_(pi * root)
-    gamma_s.diagonal().add_(root / pi)
+    add_to_diagonal(omega_s, pi * root, omega_diagonal)
+    add_to_diagonal(gamma_s, root / pi, gamma_diagonal)
     return omega_s, gamma_s, pi
 
 
 def cholesky_inverse_fast(mat: Tensor) -> tuple[Tensor, Tensor]:
-    """Inverse of a symmetric positive-definite ``mat`` through Cholesky, without a host sync.
+    """Inverse of a symmetric positive-definite ``mat`` (or a batch) through Cholesky, without a host sync.
 
-    Returns ``(inverse, ok)`` where ``ok`` is a 0-d bool tensor: the factorisation
+    Returns ``(inverse, ok)`` where ``ok`` is a 0-d bool tensor: every factorisation
     succeeded and the inverse is finite. Callers batch the ``ok`` flags into one sync
     and send failures to :func:`inverse_fallback`.
     """
     chol, info = torch.linalg.cholesky_ex(mat)
-    ok = (info == 0) & torch.isfinite(chol).all()
-    # A failed factor may hold zeros on its diagonal, on which cholesky_inverse raises
-    # (a host sync); substitute the identity and let `ok` carry the failure instead.
-    chol = torch.where(ok, chol, torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device))
-    inv = torch.cholesky_inverse(chol)
+    ok = (info == 0).all() & torch.isfinite(chol).all()
+    # A failed factor may hold zeros on its diagonal, on which the triangular solve would
+    # produce inf (or raise); substitute the identity and let `ok` carry the failure instead.
+    eye = torch.eye(mat.shape[-1], dtype=mat.dtype, device=mat.device)
+    chol = torch.where(ok, chol, eye)
+    # inv = L^-T L^-1: one triangular solve and one GEMM, about twice as fast on CPU as
+    # torch.cholesky_inverse for the 4608-wide factors of a ResNet-18.
+    chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    inv = symmetrize(chol_inv.mT @ chol_inv)
     return inv, ok & torch.isfinite(inv).all()
+
+
+def diagonal_inverse_fast(diag: Tensor) -> tuple[Tensor, Tensor]:
+    """``1 / d`` for a damped diagonal factor, with the same ``ok`` flag as :func:`cholesky_inverse_fast`."""
+    ok = (diag > 0).all() & torch.isfinite(diag).all()
+    safe = torch.where(diag > 0, diag, torch.ones_like(diag))
+    return safe.reciprocal(), ok
 
 
 #: Relative jitters (times the mean diagonal) tried, in order, when Cholesky fails.
 _JITTERS = (1e-8, 1e-6, 1e-4)
 
 
-def inverse_fallback(mat: Tensor) -> tuple[Tensor | None, str]:
+def inverse_fallback(mat: Tensor, diagonal: bool = False) -> tuple[Tensor | None, str]:
     """Slow, robust inverse of a symmetric PSD-ish ``mat`` whose Cholesky failed.
 
     Order: Cholesky with increasing diagonal jitter (relative to the mean diagonal,
     or absolute when that is 0), the same in float64, then an eigendecomposition in
-    float64 with eigenvalues clamped from below. Returns ``(inverse in mat.dtype,
-    description of what worked)``, or ``(None, reason)`` when ``mat`` is non-finite
-    or nothing worked. Host syncs are fine here: this is the failure path.
+    float64 with eigenvalues clamped from below. A batch ``(g, k, k)`` is handled block
+    by block; ``diagonal=True`` clamps the entries of ``diag(mat)`` from below. Returns
+    ``(inverse in mat.dtype, description of what worked)``, or ``(None, reason)`` when
+    ``mat`` is non-finite or nothing worked. Host syncs are fine here: this is the failure path.
     """
     if not bool(torch.isfinite(mat).all()):
         return None, "factor is not finite"
+    if diagonal:
+        top = float(mat.abs().max()) if mat.numel() else 1.0
+        floor = max(top * 1e-12, 1e-30)
+        return mat.clamp(min=floor).reciprocal(), f"diagonal entries clamped to >= {floor:.3g}"
+    if mat.dim() > 2:
+        parts = [inverse_fallback(block) for block in mat.reshape(-1, *mat.shape[-2:])]
+        if any(inv is None for inv, _ in parts):
+            return None, next(note for inv, note in parts if inv is None)
+        notes = sorted({note for _, note in parts})
+        return torch.stack([inv for inv, _ in parts if inv is not None]).reshape(mat.shape), "; ".join(notes)
     mat = symmetrize(mat)
     dtypes = [mat.dtype] if mat.dtype == torch.float64 else [mat.dtype, torch.float64]
     for dt in dtypes:
@@ -405,36 +520,59 @@ def inverse_fallback(mat: Tensor) -> tuple[Tensor | None, str]:
     return inv.to(mat.dtype), f"eigendecomposition with eigenvalues clamped to >= {floor:.3g}"
 
 
-def eigh_psd(mat: Tensor) -> tuple[Tensor, Tensor]:
+def eigh_psd(mat: Tensor, diagonal: bool = False) -> tuple[Tensor, Tensor | None]:
     """``(d, Q)`` with ``mat = Q diag(d) Q^T`` for the symmetrised ``mat``, ``d`` clamped to ``>= 0``.
 
     Factors are PSD in exact arithmetic (Sec. 3.1); tiny negative eigenvalues are
-    rounding error and would make ``d_G d_O^T + lam + gamma`` smaller than
-    ``lam + gamma`` in Eqn 43.
+    rounding error and would make ``d_G d_O^T + λ + γ`` smaller than
+    ``λ + γ`` in Eqn 43. Batches ``(g, k, k)`` are decomposed per block. A diagonal
+    factor is its own eigendecomposition: ``(d clamped, None)`` (``Q = I``).
     """
+    if diagonal:
+        return mat.clamp(min=0), None
     evals, evecs = torch.linalg.eigh(symmetrize(mat))
     return evals.clamp(min=0), evecs
 
 
-def kron_solve_pi(grad: Tensor, gamma_inv: Tensor, omega_inv: Tensor) -> Tensor:
-    """``(Omega_d ⊗ Gamma_d)^{-1} vec(G) = vec(Gamma_d^{-1} G Omega_d^{-1})`` (Eqn 29)."""
-    return gamma_inv @ grad @ omega_inv
+def _left(inv: Tensor, grad: Tensor, diagonal: bool) -> Tensor:
+    """``inv @ grad`` for a full ``inv`` or ``diag(inv) @ grad`` for a diagonal one."""
+    return inv.unsqueeze(-1) * grad if diagonal else inv @ grad
+
+
+def _right(grad: Tensor, inv: Tensor, diagonal: bool) -> Tensor:
+    """``grad @ inv`` for a full ``inv`` or ``grad @ diag(inv)`` for a diagonal one."""
+    return grad * inv.unsqueeze(-2) if diagonal else grad @ inv
+
+
+def kron_solve_pi(
+    grad: Tensor,
+    gamma_inv: Tensor,
+    omega_inv: Tensor,
+    *,
+    gamma_diagonal: bool = False,
+    omega_diagonal: bool = False,
+) -> Tensor:
+    """``(Omega_d ⊗ Gamma_d)^{-1} vec(G) = vec(Gamma_d^{-1} G Omega_d^{-1})`` (Eqn 29), per block."""
+    return _right(_left(gamma_inv, grad, gamma_diagonal), omega_inv, omega_diagonal)
 
 
 def kron_solve_eigen(
     grad: Tensor,
-    q_gamma: Tensor,
+    q_gamma: Tensor | None,
     d_gamma: Tensor,
-    q_omega: Tensor,
+    q_omega: Tensor | None,
     d_omega: Tensor,
     damping_total: Tensor | float,
 ) -> Tensor:
-    """``(Omega ⊗ Gamma + (lam+gamma) I)^{-1} vec(G)``, exact damping (Eqns 39-44).
+    """``(Omega ⊗ Gamma + (λ + γ) I)^{-1} vec(G)``, exact damping (Eqns 39-44).
 
-    ``V1 = Q_G^T G Q_O`` (42), ``V2 = V1 / (d_G d_O^T + lam + gamma)`` (43, with the
+    ``V1 = Q_G^T G Q_O`` (42), ``V2 = V1 / (d_G d_O^T + λ + γ)`` (43, with the
     weight decay added to the paper's ``gamma`` so the target is Eqn 9's
-    ``F + (lam+gamma) I``), result ``Q_G V2 Q_O^T`` (44).
+    ``F + (λ + γ) I``), result ``Q_G V2 Q_O^T`` (44). ``Q = None`` stands for the
+    identity (a diagonal factor); leading batch dims are independent blocks.
     """
-    v1 = q_gamma.T @ grad @ q_omega
-    v2 = v1 / (torch.outer(d_gamma, d_omega) + damping_total)
-    return q_gamma @ v2 @ q_omega.T
+    v1 = grad if q_gamma is None else q_gamma.mT @ grad
+    v1 = v1 if q_omega is None else v1 @ q_omega
+    v2 = v1 / (d_gamma.unsqueeze(-1) * d_omega.unsqueeze(-2) + damping_total)
+    v2 = v2 if q_gamma is None else q_gamma @ v2
+    return v2 if q_omega is None else v2 @ q_omega.mT

@@ -51,10 +51,10 @@ class FisherType(Choice):
 
 
 class DampingMode(Choice):
-    """How ``lambda + gamma`` is added to a Kronecker block ``Omega ⊗ Gamma``.
+    """How ``λ + γ`` is added to a Kronecker block ``Omega ⊗ Gamma``.
 
     ``PI``: factored Tikhonov damping with the trace-norm ``pi`` (Eqns 9-10, 28).
-    ``EXACT``: ``(Omega ⊗ Gamma + (lambda + gamma) I)^{-1}`` through both factors'
+    ``EXACT``: ``(Omega ⊗ Gamma + (λ + γ) I)^{-1}`` through both factors'
     eigendecompositions (Eqns 39-44).
     """
 

@@ -16,8 +16,8 @@ from kfcrun.data.preprocess import PAPER_PREPROCESSING, Preprocessor
 
 __all__ = [
     "DATASETS",
-    "DatasetConfig",
     "PAPER_PREPROCESSING",
+    "DatasetConfig",
     "DeviceBatches",
     "ImageData",
     "Preprocessor",

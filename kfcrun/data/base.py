@@ -51,6 +51,7 @@ class ImageData:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes (labels are ``0 .. num_classes - 1``)."""
         return len(self.classes)
 
     @property
@@ -110,7 +111,8 @@ def fingerprint_files(paths: Iterable[str | Path], base: str | Path) -> str:
     """
     prefix = os.path.join(os.fspath(base), "")
     h = hashlib.sha256()
-    for p in map(os.fspath, paths):
+    for path in paths:
+        p = os.fspath(path)
         st = os.stat(p)
         rel = p[len(prefix) :] if p.startswith(prefix) else p
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

@@ -195,6 +195,17 @@ def read_image_folder(
             )
         if not files:
             raise dataset_error(f"CIFAR-10: no .jpg/.png images in {root / split}", root, _EXPECT_FOLDER)
+        # A class with no examples would train a 10-way classifier on 9 classes without a word.
+        present = set(labels)
+        empty = [name for label, name in enumerate(classes) if label not in present]
+        if empty:
+            raise dataset_error(
+                f"CIFAR-10: the class folder {root / split / empty[0]} holds no .jpg/.png images"
+                + (f" (nor do {', '.join(empty[1:])})" if len(empty) > 1 else ""),
+                root,
+                _EXPECT_FOLDER,
+                fixes="restore the class's images, or set dataset.root=<dir> to a complete copy",
+            )
         try:
             tensors[f"{split}_images"] = image_folder.decode_images(
                 files, IMAGE_SHAPE, progress=progress, desc=f"decoding CIFAR-10 {split}", bad_file="image"

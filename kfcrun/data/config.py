@@ -14,6 +14,7 @@ from typing import Annotated
 
 from torch import Tensor
 
+from kfcrun.data.augment import CropFlip
 from kfcrun.data.base import ImageData
 from kfcrun.data.load import load_dataset
 from kfcrun.data.preprocess import Preprocessor
@@ -37,6 +38,9 @@ class DatasetConfig:
         pixel_scale, mean, std: network input = ``(pixels * pixel_scale - mean) / std``
             (:class:`~kfcrun.data.preprocess.Preprocessor`).
         use_extra: SVHN only, append the ``extra`` split to the training set.
+        augment: random crop (zero padding 4) and horizontal flip of every training batch,
+            on the device, seeded per iteration (:class:`~kfcrun.data.augment.CropFlip`).
+            Off for the paper's experiments (the paper trains without augmentation).
         num_train, num_test: synthetic data only, the number of examples.
     """
 
@@ -52,6 +56,7 @@ class DatasetConfig:
     mean: Annotated[str, choice("image", "channel", "none")] = "image"
     std: Annotated[str, choice("none", "channel")] = "none"
     use_extra: Annotated[bool, boolean()] = False
+    augment: Annotated[bool, boolean()] = False
     num_train: Annotated[int, integer(1, "2048")] = 2048
     num_test: Annotated[int, integer(1, "512")] = 512
 
@@ -80,6 +85,10 @@ class DatasetConfig:
             synthetic=synthetic,
             progress=progress,
         )
+
+    def augmentation(self, seed: int) -> CropFlip | None:
+        """The training-batch augmentation, or ``None`` when ``augment`` is off."""
+        return CropFlip(seed) if self.augment else None
 
     def preprocessor(self, train_images: Tensor) -> Preprocessor:
         """The preprocessing fitted on the training images (uint8 ``(N, C, H, W)``)."""

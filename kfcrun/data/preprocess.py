@@ -68,6 +68,7 @@ class Preprocessor:
         """Fit the statistics on the training images (uint8 (N, C, H, W)).
 
         Args:
+            train_images_uint8: the training images, uint8 of shape (N, C, H, W).
             mean: ``"image"``: per-pixel mean image over the training set, shape (C, H, W)
                 (cuda-convnet's ``data_mean``); ``"channel"``: one mean per channel, shape
                 (C, 1, 1); ``"none"``: no centring.

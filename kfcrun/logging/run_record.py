@@ -37,6 +37,7 @@ def git_state(path: str | Path) -> dict[str, Any]:
 
 
 def device_name(device: torch.device) -> str:
+    """Human-readable name of ``device``: the GPU model for CUDA, else the host's processor name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or "cpu"

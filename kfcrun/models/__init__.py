@@ -1,16 +1,18 @@
-"""The paper's networks. The runner builds them from ``configs/model/*.yaml`` (``_target_``,
-:mod:`kfcrun.builders`); :func:`build_model` builds one by its config name, for scripts."""
+"""The paper's networks, a CIFAR ResNet-18 and any torchvision classifier.
+
+The runner builds them from ``configs/model/*.yaml`` (``_target_``, :mod:`kfcrun.builders`);
+:func:`build_model` builds one of the paper's networks by its config name, for scripts.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
 
 from torch import nn
 
 from kfcrun.models.cuda_convnet import CudaConvnetCifar10
 from kfcrun.models.layers import SpatialResponseNorm
+from kfcrun.models.resnet import ResNet18Cifar
 from kfcrun.models.svhn_net import SrivastavaSVHNNet
+from kfcrun.models.torchvision_models import torchvision_classifier
 
 #: config name -> model class
 MODELS: dict[str, type[nn.Module]] = {
@@ -47,7 +49,9 @@ def build_model(
 __all__ = [
     "MODELS",
     "CudaConvnetCifar10",
+    "ResNet18Cifar",
     "SpatialResponseNorm",
     "SrivastavaSVHNNet",
     "build_model",
+    "torchvision_classifier",
 ]

@@ -19,14 +19,13 @@ the 0-255 scale (cuda-convnet's ``convdata.py``); those init scales assume it.
 
 from __future__ import annotations
 
-import torch
 from typing import Annotated
 
+import torch
 from torch import nn
 
-from kfcrun.schema import boolean, choice
-
 from kfcrun.models.layers import SpatialResponseNorm, pool_3x3_stride2, resolve_pooling
+from kfcrun.schema import boolean, choice
 
 #: Gaussian init std per layer, ``initW`` in layers-18pct.cfg.
 CUDA_CONVNET_INIT_STD = {"conv1": 1e-4, "conv2": 1e-2, "conv3": 1e-2, "fc10": 1e-2}
@@ -87,6 +86,10 @@ class CudaConvnetCifar10(nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(M, num_classes)`` of a batch of images ``x``.
+
+        ``x`` has shape ``(M, in_channels, image_size, image_size)`` (the constructor's arguments).
+        """
         x = self.rnorm1(self.relu1(self.pool1(self.bn1(self.conv1(x)))))
         x = self.rnorm2(self.pool2(self.relu2(self.bn2(self.conv2(x)))))
         x = self.pool3(self.relu3(self.bn3(self.conv3(x))))

@@ -30,12 +30,17 @@ class SpatialResponseNorm(nn.Module):
         self.size, self.scale, self.power = size, scale, power
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """``u / (1 + (scale / size**2) * window sum of u**2) ** power`` for ``u`` of shape ``(M, C, H, W)``.
+
+        The output has the shape of ``u``.
+        """
         # avg_pool with zero padding and count_include_pad divides by size**2 everywhere,
         # which is exactly cuda-convnet's constant divisor with clipped border sums.
         mean_sq = F.avg_pool2d(u * u, self.size, stride=1, padding=self.size // 2, count_include_pad=True)
         return u * (1.0 + self.scale * mean_sq).pow(-self.power)
 
     def extra_repr(self) -> str:
+        """``size``, ``scale`` and ``power``, shown in the module's ``repr``."""
         return f"size={self.size}, scale={self.scale}, power={self.power}"
 
 

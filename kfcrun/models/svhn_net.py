@@ -22,14 +22,13 @@ Not confirmed by the sources (our choices, documented):
 
 from __future__ import annotations
 
-import torch
 from typing import Annotated
 
+import torch
 from torch import nn
 
-from kfcrun.schema import boolean, choice
-
 from kfcrun.models.layers import pool_3x3_stride2, resolve_pooling
+from kfcrun.schema import boolean, choice
 
 #: Probability of KEEPING a unit, input first (dropout JMLR 2014, Appendix B.2).
 SVHN_RETENTION = (0.9, 0.75, 0.75, 0.5, 0.5, 0.5)
@@ -94,6 +93,10 @@ class SrivastavaSVHNNet(nn.Module):
                     nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(M, num_classes)`` of a batch of images ``x``.
+
+        ``x`` has shape ``(M, in_channels, image_size, image_size)`` (the constructor's arguments).
+        """
         x = self.drop0(x)
         for i in range(1, 4):
             conv, bn, relu = getattr(self, f"conv{i}"), getattr(self, f"bn{i}"), getattr(self, f"relu{i}")

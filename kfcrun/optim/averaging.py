@@ -1,9 +1,9 @@
 """Exponential moving average of the iterates (paper Appendix A.1, Algorithm 1).
 
-Both optimizers keep, per parameter, ``theta_avg <- xi * theta_avg + (1 - xi) * theta``
-after every update, with ``xi = exp(-batch_size / timescale)`` and the timescale in
+Both optimizers keep, per parameter, ``theta_avg <- xi_avg * theta_avg + (1 - xi_avg) * theta``
+after every update, with ``xi_avg = exp(-batch_size / timescale)`` and the timescale in
 training EXAMPLES (the paper uses one epoch of CIFAR-10, 50,000 examples; Algorithm 1
-writes ``xi = exp(-1/tau)`` with tau in mini-batches, which is the same thing).
+writes ``xi_avg = exp(-1/tau)`` with tau in mini-batches, which is the same thing).
 The averages live in the optimizer's per-parameter state under ``"average"``, so
 ``state_dict()`` round-trips them and ``load_state_dict`` moves them to the right device.
 
@@ -11,9 +11,9 @@ Modes:
 
 ``"paper"``
     Algorithm 1 as written: ``theta_avg(0) = theta(0)``. Early on the initial iterate
-    keeps weight ``xi**k``: after 150 KFC-pre iterations at batch 512 that is 21%.
+    keeps weight ``xi_avg**k``: after 150 KFC-pre iterations at batch 512 that is 21%.
 ``"debiased"``
-    Start the accumulator at zero and divide by ``1 - xi**k`` (as Adam does for its
+    Start the accumulator at zero and divide by ``1 - xi_avg**k`` (as Adam does for its
     moments): the result is the exponentially weighted mean of ``theta(1..k)`` only.
     It equals ``"paper"`` in the limit of many steps.
 
@@ -37,7 +37,7 @@ AVERAGING_MODES = ("paper", "debiased")
 
 
 def averaging_decay(batch_size: int, timescale_examples: float) -> float:
-    """Per-iteration EMA factor ``xi = exp(-batch_size / timescale)``, both in examples."""
+    """Per-iteration EMA factor ``xi_avg = exp(-batch_size / timescale)``, both in examples."""
     if batch_size <= 0 or timescale_examples <= 0:
         raise ValueError("batch_size and timescale_examples must be positive")
     return math.exp(-batch_size / timescale_examples)
@@ -50,7 +50,7 @@ class IterateAveraging:
         optimizer: the owning optimizer; averages are stored in its per-parameter state as
             ``optimizer.state[p]["average"]`` (looked up on every use, because
             ``Optimizer.load_state_dict`` replaces the ``state`` dict).
-        decay: ``xi`` per iteration, or ``None`` to disable averaging (then the
+        decay: ``xi_avg`` per iteration, or ``None`` to disable averaging (then the
             "averaged" parameters are the current ones).
         mode: ``"paper"`` or ``"debiased"`` (see module docstring).
         start_iter: reset the average to the iterate for the first ``start_iter`` updates.
@@ -67,10 +67,12 @@ class IterateAveraging:
 
     @property
     def state(self) -> dict:
+        """The wrapped optimizer's per-parameter state, which holds the ``"average"`` accumulators."""
         return self.optimizer.state
 
     @property
     def enabled(self) -> bool:
+        """Whether averaging is on (a ``decay`` was given)."""
         return self.decay is not None
 
     def begin(self, params: Iterable[torch.Tensor]) -> None:
@@ -87,12 +89,13 @@ class IterateAveraging:
         """Fold the iterate ``theta(step)`` (already updated) into the averages."""
         if not self.enabled or not params:
             return
+        assert self.decay is not None  # enabled
         averages = [self.state[p]["average"] for p in params]
         if step <= self.start_iter:
             if self.mode == "paper":
                 torch._foreach_copy_(averages, [p.detach() for p in params])
             else:
-                # Keep the debiased invariant average/(1 - xi^k') == theta with k' = steps since start.
+                # Keep the debiased invariant average/(1 - xi_avg^k') == theta with k' = steps since start.
                 torch._foreach_mul_(averages, 0.0)
                 torch._foreach_add_(averages, [p.detach() for p in params], alpha=1.0 - self.decay)
             return
@@ -102,11 +105,12 @@ class IterateAveraging:
         """Factor that turns the stored accumulator into the reported average.
 
         In ``"debiased"`` mode the accumulator holds ``n`` folded iterates with total
-        weight ``1 - xi**n``; ``n = step`` without ``start_iter``, and counts the iterate at
+        weight ``1 - xi_avg**n``; ``n = step`` without ``start_iter``, and counts the iterate at
         ``start_iter`` (the restart point) as the first term otherwise.
         """
         if self.mode == "paper" or not self.enabled or step <= 0:
             return 1.0
+        assert self.decay is not None  # enabled
         terms = step if self.start_iter == 0 else max(step - self.start_iter + 1, 1)
         return 1.0 / (1.0 - self.decay**terms)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kfcrun.optim.param_groups import weight_layers
 
@@ -17,6 +19,6 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
     ``c = 4`` for all weights of the SVHN network.
     """
     for module in weight_layers(model).values():
-        rows = module.weight.flatten(1)
+        rows = cast(Tensor, module.weight).flatten(1)
         norms = rows.norm(dim=1, keepdim=True)
         rows.mul_(torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0))

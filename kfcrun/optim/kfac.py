@@ -53,23 +53,31 @@ larger predicted decrease, so a smaller ``rho``, so ``lambda`` rises more readil
 ``T_1`` iterations (``rho``, for the rule of Eqn 38), the candidates' model values on ``T_2``
 iterations (to keep one), and one scalar per step for the staleness guard if it is on.
 
-Parameters outside the KFC blocks (BatchNorm scale and shift) take ``v_1 = -grad h``, as in
+Parameters outside the blocks (no block, or in ``skip_layers``) take ``v_1 = -grad h``, as in
 KFC-pre; ``alpha`` and ``mu`` then scale them with everything else, and ``M`` includes them.
+Normalization layers, grouped convolutions and embeddings get their blocks as in KFC-pre.
+Gradient accumulation: ``step(closure, inputs=[x1, x2, ...])``; the quadratic model then uses
+every example of every micro-batch, and the closure's loss must be over all of them.
+
+**No learning-rate schedule.** ``alpha`` is chosen every step; a schedule would scale nothing
+(the runner refuses ``trainer.lr_schedule`` with K-FAC).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from kfcrun.curvature import DampingMode, FisherType, OmegaModel
+from kfcrun.curvature import DEFAULT_MAX_FACTOR_DIM, DampingMode, FisherType, Likelihood, OmegaModel
 from kfcrun.optim.averaging import AVERAGING_MODES
-from kfcrun.optim.kfc_base import KFCOptimizerBase
+from kfcrun.optim.curvature_steps import Batches
+from kfcrun.optim.kfc_base import KFCOptimizerBase, StepInputs, parse_inverse_dtype
+from kfcrun.optim.knobs import LIKELIHOOD_RULE, SKIP_LAYERS_RULE
 from kfcrun.optim.quadratic_model import (
     gamma_candidates,
     levenberg_marquardt,
@@ -103,8 +111,9 @@ class KFAC(KFCOptimizerBase):
     with BatchNorm's running statistics restored after each call.
 
     Args:
-        model: the network; maps inputs to logits ``(batch, classes)`` of a softmax
-            cross-entropy loss. Every layer :func:`~kfcrun.curvature.kfc_layers` covers gets a KFC block.
+        model: the network; maps inputs to the output of ``likelihood`` (by default logits
+            of a softmax cross-entropy). Every module :func:`~kfcrun.curvature.kfc_layers`
+            covers gets a block (convolutions of any groups, Linear, Embedding, normalization).
         lr: ``alpha`` held fixed; ``None`` (default): chosen every step from the quadratic model.
         momentum: ``mu`` held fixed; ``None`` (default): chosen every step from the quadratic model.
         weight_decay: ``r`` of the L2 term ``r/2 |W|^2`` for the covered layers' weights.
@@ -132,6 +141,10 @@ class KFAC(KFCOptimizerBase):
         guard_nu_jump: staleness guard: refresh when ``nu = delta^T F delta`` grew by more than
             this factor from one step to the next (``None``: off). See :mod:`kfcrun.optim.staleness`.
         stats_fraction, init_examples, fisher, approx: the factor statistics, as for KFC-pre.
+        likelihood, skip_layers, max_factor_dim: the output distribution and the coverage, as
+            for KFC-pre. The closure's loss must be the likelihood's mean per-example NLL
+            (:meth:`~kfcrun.curvature.Likelihood.loss`): ``rho`` compares its change with the
+            model built from this Fisher.
         avg_decay, avg_mode, avg_start: iterate averaging, as for :class:`kfcrun.optim.SGD`.
         seed: seeds the generator of the sampled targets.
         chunk_size, inverse_dtype, record_inputs: as for KFC-pre.
@@ -146,6 +159,8 @@ class KFAC(KFCOptimizerBase):
     """
 
     needs_closure: ClassVar[bool] = True
+    #: ``alpha`` is adapted every step: the runner refuses an lr schedule (see the module docstring).
+    supports_lr_schedule: ClassVar[bool] = False
     phases: ClassVar[tuple[str, ...]] = ("statistics", "inverses", "precondition", "quadratic_model", "rho")
 
     def __init__(
@@ -179,15 +194,21 @@ class KFAC(KFCOptimizerBase):
         init_examples: Annotated[int, integer(0, "10000")] = 0,
         fisher: Annotated[FisherType | str, choice(FisherType)] = FisherType.SAMPLED,
         approx: Annotated[OmegaModel | str, choice(OmegaModel)] = OmegaModel.KFC,
+        likelihood: Annotated[Likelihood | str, LIKELIHOOD_RULE] = "cross_entropy",
+        skip_layers: Annotated[Sequence[str], SKIP_LAYERS_RULE] = (),
+        max_factor_dim: Annotated[int | None, integer(1, "8192", optional=True)] = DEFAULT_MAX_FACTOR_DIM,
         avg_decay: float | None = None,
         avg_mode: Annotated[str, choice(*AVERAGING_MODES)] = "paper",
         avg_start: Annotated[int, integer(0, "0")] = 0,
         seed: int = 0,
         chunk_size: int | None = None,
-        inverse_dtype: torch.dtype | None = torch.float64,
+        inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
     ) -> None:
-        check_arguments(KFAC, locals())
+        compute_dtype = parse_inverse_dtype(KFAC, inverse_dtype)
+        check_arguments(
+            KFAC, {k: v for k, v in locals().items() if k not in ("inverse_dtype", "compute_dtype")}
+        )
         if lambda_max is not None and lambda_max < lambda_min:
             raise ValueError(f"lambda_max={lambda_max} is below lambda_min={lambda_min}")
         super().__init__(
@@ -207,6 +228,9 @@ class KFAC(KFCOptimizerBase):
             init_examples=init_examples,
             fisher=fisher,
             approx=approx,
+            likelihood=likelihood,
+            skip_layers=skip_layers,
+            max_factor_dim=max_factor_dim,
             staleness_guard=StalenessGuard(nu_jump=guard_nu_jump, health_below=guard_rho),
             precondition=True,
             avg_decay=avg_decay,
@@ -214,7 +238,7 @@ class KFAC(KFCOptimizerBase):
             avg_start=avg_start,
             seed=seed,
             chunk_size=chunk_size,
-            inverse_dtype=inverse_dtype,
+            inverse_dtype=compute_dtype,
             record_inputs=record_inputs,
         )
         self.fixed_lr, self.fixed_momentum = lr, momentum
@@ -247,21 +271,24 @@ class KFAC(KFCOptimizerBase):
         self,
         closure: Callable[[], Any] | None = None,
         *,
-        inputs: Tensor | None = None,
-        targets: Tensor | None = None,
+        inputs: StepInputs | None = None,
+        targets: StepInputs | None = None,
     ) -> Any:
         """One K-FAC iteration (see the module docstring). ``.grad`` must hold the mean-loss gradient.
 
         Args:
             closure: returns the mean mini-batch loss without the L2 term, a forward pass only
                 (see the class docstring); needed on the iterations that compute ``rho``.
-            inputs: the mini-batch inputs; default: the recorded last training forward's.
-            targets: training labels, needed only for ``fisher="empirical"``.
+            inputs: the mini-batch inputs, or the list of micro-batches whose gradients
+                ``.grad`` holds (the closure's loss must then be over all of them);
+                default: the recorded training forwards since the last step.
+            targets: training labels (a list for micro-batches), needed only when
+                :attr:`needs_labels`.
 
         Returns:
             ``h(theta)`` (with the L2 term) on iterations that compute ``rho``, else ``None``.
         """
-        inputs = self._batch_inputs(inputs)
+        batches, labels = self._step_batches(inputs, targets)
         k = self.iteration + 1
         rho_due = self.lambda_every is not None and k % self.lambda_every == 0
         if rho_due and closure is None:
@@ -271,7 +298,7 @@ class KFAC(KFCOptimizerBase):
             )
         self._gamma_due = self.gamma_every is not None and k % self.gamma_every == 0
 
-        refitted = self._refresh_curvature(k, inputs, targets, force=self.guard.due())
+        refitted = self._refresh_curvature(k, batches, labels, force=self.guard.due())
         candidates = gamma_candidates(self.damping, self.gamma_step, self.damping_floor)
         if self._gamma_due and not refitted:
             self._update_inverses(candidates)
@@ -281,10 +308,10 @@ class KFAC(KFCOptimizerBase):
 
         with self.timer("precondition"):
             grads = self._gradients_of_h()
-            proposals = [self._negated(self._directions(index)) for index in range(len(candidates))]
+            proposals = [self._negated(self._directions(grads, index)) for index in range(len(candidates))]
         previous = self._previous_update() if self._has_previous_update else None
         with self.timer("quadratic_model"):
-            chosen, model = self._quadratic_model(inputs, grads, proposals, previous)
+            chosen, model = self._quadratic_model(batches, labels, grads, proposals, previous)
         if len(candidates) > 1:
             self.curvature.select_damping(chosen)
             self.damping = candidates[chosen]
@@ -317,14 +344,19 @@ class KFAC(KFCOptimizerBase):
         return any("momentum_buffer" in self.state[p] for p in self._params())
 
     def _quadratic_model(
-        self, inputs: Tensor, grads: Vectors, proposals: list[Vectors], previous: Vectors | None
+        self,
+        batches: Batches,
+        targets: Batches | None,
+        grads: Vectors,
+        proposals: list[Vectors],
+        previous: Vectors | None,
     ) -> tuple[int, dict[str, Tensor]]:
         """``C``, ``d`` and ``(alpha, mu)`` for every candidate; the index of the lowest ``M`` and its model.
 
         One JVP per candidate direction and one for ``delta_prev``, all on the same rows.
         """
         vectors = [*proposals, *([previous] if previous is not None else [])]
-        fisher = self._fisher_gram(inputs, vectors).to(torch.float64)
+        fisher = self._fisher_gram(batches, targets, vectors).to(torch.float64)
         count = len(vectors)
         decay = torch.zeros(count, count, dtype=torch.float64, device=fisher.device)
         euclid = torch.zeros_like(decay)
@@ -417,8 +449,8 @@ class KFAC(KFCOptimizerBase):
             self._last_stats["rho"] = torch.tensor(self.rho, dtype=torch.float64)
         if "h_change" in model:
             self._last_stats["h_decrease"] = -model["h_change"]
-        if self._pi_mean is not None:
-            self._last_stats["pi_mean"] = self._pi_mean
+        if self.refresher.pi_mean is not None:
+            self._last_stats["pi_mean"] = self.refresher.pi_mean
 
     def state_dict(self) -> dict[str, Any]:
         """The shared state plus the adapted ``lambda``, ``gamma`` and the last ``rho``."""

@@ -1,74 +1,90 @@
 """What KFC-pre (App. A.1) and K-FAC (App. A.2) share: the KFC curvature and the parameter plumbing.
 
-:class:`KFCOptimizerBase` is a ``torch.optim.Optimizer`` over a model whose Conv2d/Linear
-layers get KFC blocks (:class:`~kfcrun.curvature.KFCCurvature`). It owns
+:class:`KFCOptimizerBase` is a ``torch.optim.Optimizer`` over a model whose covered
+modules (:func:`~kfcrun.curvature.kfc_layers`: convolutions of any groups, Linear,
+Embedding, the scale/shift of normalization layers) get curvature blocks
+(:class:`~kfcrun.curvature.KFCCurvature`). It owns
 
-* the param groups: one per covered layer (its weight and bias, with the layer's weight
-  decay ``r``, called ``lambda`` in App. A.1), one for every other trainable parameter
-  (e.g. BatchNorm scale and shift, not decayed);
-* the objective's gradient ``grad h = grad(mean loss) + r W`` (biases decayed only with
-  ``decay_biases``; the L2 term is ``r/2 |W|^2``, the optimizer adds it, ``.grad`` holds
-  the mean loss's gradient only);
+* the param groups: one per block (its trainable weight and bias), one for every other
+  trainable parameter (no block, or in ``skip_layers``; frozen parameters are left out);
+* the objective's gradient ``grad h = grad(mean loss) + r W`` (``r`` per weight layer,
+  called ``lambda`` in App. A.1; biases decayed only with ``decay_biases``; the L2 term is
+  ``r/2 |W|^2``, the optimizer adds it, ``.grad`` holds the mean loss's gradient only);
 * the curvature refresh of Algorithm 1 (statistics every ``T_s``, inverses every ``T_f``,
   Algorithm 1's initial estimate, the optional EMA warm-up and staleness guard) and the
   preconditioned directions ``(F_hat + (r + gamma) I)^{-1} grad h`` per block (Eqns 28-29 or
-  39-44); parameters outside the blocks take ``grad h`` itself;
-* the exact-Fisher forms ``v_i^T F v_j`` on a batch (:mod:`kfcrun.optim.fisher_vector`)
-  plus the weight-decay forms ``sum r v_i v_j``;
+  39-44); parameters outside the blocks take ``grad h`` itself
+  (:mod:`kfcrun.optim.curvature_steps`, shared with :class:`~kfcrun.optim.KFCPreconditioner`);
+* the exact-Fisher forms ``v_i^T F v_j`` of the likelihood on a step's micro-batches
+  (:mod:`kfcrun.optim.fisher_vector`) plus the weight-decay forms ``sum r v_i v_j``;
 * the momentum step ``p <- mu p + v; theta <- theta + p``, iterate averaging, phase timers,
-  input recording and the state dict.
+  input recording (every micro-batch since the last step) and the state dict.
 
 Subclasses write ``step``; see :class:`~kfcrun.optim.KFCPre` and :class:`~kfcrun.optim.KFAC`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from kfcrun.curvature import (
+    CurvatureBlock,
     CurvatureSchedule,
     DampingMode,
     FisherType,
-    InverseUpdate,
     KFCCurvature,
-    KroneckerBlock,
+    Likelihood,
     OmegaModel,
 )
 from kfcrun.optim.averaging import IterateAveraging
-from kfcrun.optim.fisher_vector import fisher_gram
+from kfcrun.optim.curvature_steps import (
+    Batches,
+    CurvatureRefresher,
+    exact_gram,
+    micro_batches,
+    precondition_parameters,
+    subset_size,
+)
 from kfcrun.optim.inputs import BatchRecorder
-from kfcrun.optim.param_groups import layer_weight_decays
+from kfcrun.optim.param_groups import layer_weight_decays, parameter_weight_decays
 from kfcrun.optim.protocol import InitBatch
 from kfcrun.optim.staleness import StalenessGuard
 from kfcrun.optim.timing import PhaseTimer
+from kfcrun.schema import check_arguments
 
-__all__ = ["KFCOptimizerBase", "subset_size"]
+__all__ = ["PHASES", "KFCOptimizerBase", "StepInputs", "parse_inverse_dtype", "subset_size"]
 
 #: Names of the timed phases, as reported by :attr:`KFCOptimizerBase.phase_times`.
 PHASES = ("statistics", "inverses", "precondition", "nu")
 
+#: A step's inputs (or labels): one mini-batch or the list of its micro-batches.
+StepInputs = Tensor | Sequence[Tensor]
 
-def subset_size(fraction: float, batch_size: int) -> int:
-    """``max(1, ceil(fraction * batch_size))``: the leading examples a fraction of a batch uses."""
-    return max(1, math.ceil(fraction * batch_size - 1e-9))
+
+def parse_inverse_dtype(owner: type, inverse_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The ``torch.dtype`` of an ``inverse_dtype`` knob given as a name (checked) or a dtype."""
+    if isinstance(inverse_dtype, str):
+        check_arguments(owner, {"inverse_dtype": inverse_dtype})
+        return getattr(torch, inverse_dtype)
+    return inverse_dtype
 
 
 class KFCOptimizerBase(torch.optim.Optimizer):
     """The shared part of KFC-pre and K-FAC (see the module docstring); not an optimizer by itself.
 
     Args (the subclasses document them as config knobs):
-        model: maps inputs to logits ``(batch, classes)`` of a softmax cross-entropy loss.
+        model: maps inputs to the output of ``likelihood``.
         defaults: the param groups' hyperparameters (``lr``, ``momentum``).
         weight_decay, layer_weight_decay, decay_biases: ``r`` per layer and its mask.
         damping, damping_mode: ``gamma`` and how ``r + gamma`` is added to each block.
         stat_decay, ema_warmup, stats_every, inverse_every, refresh_until, stats_fraction,
         init_examples, fisher, approx: the factor statistics (Eqns 32-33, Algorithm 1).
+        likelihood, skip_layers, max_factor_dim: the output distribution and the coverage.
         staleness_guard: the :class:`~kfcrun.optim.staleness.StalenessGuard` (or ``None``).
         precondition: ``False`` skips curvature (directions are ``grad h``).
         avg_decay, avg_mode, avg_start, seed, chunk_size, inverse_dtype, record_inputs: as in KFC-pre.
@@ -98,6 +114,9 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         init_examples: int,
         fisher: FisherType | str,
         approx: OmegaModel | str,
+        likelihood: Likelihood | str,
+        skip_layers: Sequence[str],
+        max_factor_dim: int | None,
         staleness_guard: StalenessGuard | None,
         precondition: bool,
         avg_decay: float | None,
@@ -119,22 +138,22 @@ class KFCOptimizerBase(torch.optim.Optimizer):
             inverse_dtype=inverse_dtype,
             omega_model=approx,
             ema_warmup=ema_warmup,
+            likelihood=likelihood,
+            skip_layers=skip_layers,
+            max_factor_dim=max_factor_dim,
         )
+        #: ``r`` per weight layer (Conv/Linear) by name, covered or not.
         self.lambdas = layer_weight_decays(model, weight_decay, layer_weight_decay)
+        #: ``r`` per parameter: weights of weight layers, biases with ``decay_biases``.
+        self.decays = parameter_weight_decays(model, self.lambdas, decay_biases)
         groups: list[dict[str, Any]] = []
         covered: set[int] = set()
         for name, block in self.blocks.items():
-            params = [p for p in (block.module.weight, block.module.bias) if p is not None]
-            if not all(p.requires_grad for p in params):
-                raise ValueError(
-                    f"{type(self).__name__}: layer {name!r} has frozen parameters; "
-                    "KFC blocks need trainable layers"
-                )
-            covered.update(id(p) for p in params)
-            groups.append({"params": params, "layer": name, "weight_decay": self.lambdas[name]})
+            covered.update(id(p) for p in block.params)
+            groups.append({"params": block.params, "layer": name})
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
         if others:
-            groups.append({"params": others, "layer": None, "weight_decay": 0.0})
+            groups.append({"params": others, "layer": None})
         super().__init__(groups, defaults)
 
         self.damping = damping
@@ -151,21 +170,32 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         self.timer = PhaseTimer(device)
         self._param_names = {id(p): name for name, p in model.named_parameters()}
         self._last_stats: dict[str, Tensor] = {}
-        self._health: dict[str, Tensor] = {}
-        self._pi_mean: Tensor | None = None
         self.recorder = BatchRecorder()
         self._recorder_handle = self.recorder.attach(model) if record_inputs else None
+        self.refresher = CurvatureRefresher(
+            self.curvature,
+            self.schedule,
+            stats_fraction=stats_fraction,
+            generator=self.generator,
+            timer=self.timer,
+            recorder=self.recorder,
+        )
 
     # -- plumbing -------------------------------------------------------------------------------
     @property
-    def blocks(self) -> dict[str, KroneckerBlock]:
-        """The KFC blocks, by layer name."""
+    def blocks(self) -> dict[str, CurvatureBlock]:
+        """The curvature blocks, by module name."""
         return self.curvature.blocks
 
     @property
+    def block_weight_decays(self) -> dict[str, float]:
+        """``r`` of each block's damping ``r + gamma`` (0 for normalization blocks)."""
+        return {name: self.lambdas.get(name, 0.0) for name in self.blocks}
+
+    @property
     def needs_labels(self) -> bool:
-        """Only the empirical Fisher needs the training labels (``step(targets=...)``)."""
-        return self.curvature.fisher_type is FisherType.EMPIRICAL
+        """The empirical Fisher and a masking likelihood need the labels (``step(targets=...)``)."""
+        return self.curvature.fisher_type is FisherType.EMPIRICAL or self.curvature.likelihood.needs_labels
 
     @property
     def initialized(self) -> bool:
@@ -187,16 +217,19 @@ class KFCOptimizerBase(torch.optim.Optimizer):
             self._recorder_handle.remove()
             self._recorder_handle = None
 
-    def _batch_inputs(self, inputs: Tensor | None) -> Tensor:
-        """The mini-batch: ``inputs``, else the recorded last training forward's."""
+    def _step_batches(
+        self, inputs: StepInputs | None, targets: StepInputs | None
+    ) -> tuple[Batches, Batches | None]:
+        """The step's micro-batches: ``inputs``, else the recorded training forwards since the last step."""
+        recorded = self.recorder.take()
         if inputs is None:
-            inputs = self.recorder.inputs
-        if inputs is None:
+            inputs = recorded
+        if isinstance(inputs, Sequence) and not isinstance(inputs, Tensor) and not inputs:
             raise RuntimeError(
                 f"{type(self).__name__}.step() needs the mini-batch inputs: call step(inputs=x), or build "
                 "the optimizer with record_inputs=True and run the model in train mode on them before step()"
             )
-        return inputs
+        return micro_batches(inputs, targets)
 
     # -- curvature ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,125 +237,69 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         """Algorithm 1's initial factor estimate: average Eqn 32 over ``batches``, then invert.
 
         ``batches`` yields input tensors, or ``(inputs, labels)`` pairs (labels are used
-        only with ``fisher="empirical"``): a large training subset; the paper used the full
-        training set. Every example is used, whatever ``stats_fraction`` is.
+        only with ``fisher="empirical"`` or a masking likelihood): a large training subset;
+        the paper used the full training set. Every example is used, whatever
+        ``stats_fraction`` is.
         """
-        count = 0
-        for item in batches:
-            inputs, labels = item if isinstance(item, (tuple, list)) else (item, None)
-            self._update_statistics(inputs, labels, init=True)
-            count += 1
-        if count:
-            self._update_inverses(self._fit_dampings())
+        self.refresher.initialize(batches, self._fit_dampings(), self.block_weight_decays)
 
     def _fit_dampings(self) -> list[float]:
         """The damping value(s) ``gamma`` a scheduled inverse update fits (KFC-pre: its fixed gamma)."""
         return [self.damping]
 
-    def _update_inverses(self, dampings: Sequence[float]) -> InverseUpdate:
-        with self.timer("inverses"):
-            update = self.curvature.update_inverses(list(dampings), self.lambdas)
-        self._pi_mean = update.pi_mean()
-        self._health["inverse_nonfinite"] = torch.tensor(float(update.nonfinite))
-        return update
+    def _update_inverses(self, dampings: Sequence[float]) -> None:
+        self.refresher.update_inverses(list(dampings), self.block_weight_decays)
 
-    def _update_statistics(self, inputs: Tensor, targets: Tensor | None, init: bool) -> None:
-        with self.timer("statistics"), self.recorder.paused(), torch.enable_grad():
-            update = self.curvature.update_statistics(inputs, targets, generator=self.generator, init=init)
-        self._health["stats_nonfinite"] = update.nonfinite
-
-    def _refresh_curvature(self, k: int, inputs: Tensor, targets: Tensor | None, force: bool = False) -> bool:
+    def _refresh_curvature(
+        self, k: int, batches: Batches, targets: Batches | None, force: bool = False
+    ) -> bool:
         """Statistics every ``T_s`` and inverses every ``T_f`` (on a statistics subset); both if ``force``.
 
         Returns whether the inverses were refitted.
         """
-        m = subset_size(self.stats_fraction, inputs.shape[0])
-        stats_inputs, stats_targets = inputs[:m], (targets[:m] if targets is not None else None)
-        if not self.initialized:
-            self._update_statistics(stats_inputs, stats_targets, init=True)
-            self._update_inverses(self._fit_dampings())
-            return True
-        if force or self.schedule.statistics_due(k):
-            self._update_statistics(stats_inputs, stats_targets, init=False)
-        if force or self.schedule.inverses_due(k):
-            self._update_inverses(self._fit_dampings())
-            return True
-        return False
+        return self.refresher.refresh(
+            k, batches, targets, self._fit_dampings, self.block_weight_decays, force=force
+        )
 
     # -- gradients and directions ---------------------------------------------------------------
-    def _gradient_of_h(self, p: Tensor, weight_decay: float) -> Tensor:
+    def _gradient_of_h(self, p: Tensor) -> Tensor:
+        """``grad h = grad(mean loss) + r p`` (a fresh tensor)."""
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        return grad.add(p, alpha=weight_decay) if weight_decay else grad
-
-    def _decay_of(self, group: dict, p: Tensor) -> float:
-        """``r`` for a parameter: its layer's, for weights (and biases if ``decay_biases``)."""
-        if group["layer"] is None:
-            return 0.0
-        if p is self.blocks[group["layer"]].module.bias and not self.decay_biases:
-            return 0.0
-        return group["weight_decay"]
+        decay = self.decays.get(p, 0.0)
+        return grad.add(p, alpha=decay) if decay else grad.clone()
 
     def _gradients_of_h(self) -> dict[Tensor, Tensor]:
         """``grad h`` per parameter (a fresh tensor for each)."""
-        out: dict[Tensor, Tensor] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = self._gradient_of_h(p, self._decay_of(group, p))
-                out[p] = grad.clone() if grad is p.grad else grad
-        return out
+        return {p: self._gradient_of_h(p) for p in self._params()}
 
-    def _directions(self, index: int = 0) -> dict[Tensor, Tensor]:
+    def _directions(self, grads: dict[Tensor, Tensor] | None = None, index: int = 0) -> dict[Tensor, Tensor]:
         """``(F_hat + (r + gamma) I)^{-1} grad h`` per parameter for damping candidate ``index``.
 
         Parameters outside the blocks (and all of them without preconditioning) get
-        ``grad h``. Every tensor is fresh: callers may scale them in place.
+        ``grad h``. Every tensor is fresh: callers may scale them in place. ``grads``:
+        :meth:`_gradients_of_h` (computed if ``None``; not modified).
         """
-        directions: dict[Tensor, Tensor] = {}
-        combined: dict[str, Tensor] = {}
-        for group in self.param_groups:
-            if group["layer"] is None or not self.precondition_enabled:
-                for p in group["params"]:
-                    grad = self._gradient_of_h(p, self._decay_of(group, p))
-                    directions[p] = grad.clone() if grad is p.grad else grad
-                continue
-            weight, bias = self._layer_parameters(group["layer"])
-            weight_grad = self._gradient_of_h(weight, self._decay_of(group, weight))
-            bias_grad = None
-            if bias is not None:
-                bias_grad = self._gradient_of_h(bias, self._decay_of(group, bias))
-            combined[group["layer"]] = self.blocks[group["layer"]].combine(weight_grad, bias_grad)
-        if combined:
-            preconditioned = self.curvature.precondition(combined, index=index)
-            for group in self.param_groups:
-                name = group["layer"]
-                if name is None or name not in preconditioned:
-                    continue
-                weight, bias = self._layer_parameters(name)
-                d_weight, d_bias = self.blocks[name].split(preconditioned[name])
-                directions[weight] = d_weight
-                if bias is not None and d_bias is not None:
-                    directions[bias] = d_bias
+        grads = self._gradients_of_h() if grads is None else grads
+        directions = {p: g.clone() for p, g in grads.items()}
+        if self.precondition_enabled and self.blocks:
+            directions.update(precondition_parameters(self.curvature, grads, index))
         return directions
 
-    def _layer_parameters(self, name: str) -> tuple[Tensor, Tensor | None]:
-        """The weight and bias (or ``None``) of the covered layer ``name``."""
-        module = self.blocks[name].module
-        return cast(Tensor, module.weight), cast("Tensor | None", module.bias)
-
     # -- quadratic forms ------------------------------------------------------------------------
-    def _fisher_gram(self, inputs: Tensor, vectors: Sequence[dict[Tensor, Tensor]]) -> Tensor:
-        """``G_ij = v_i^T F v_j`` with the exact Fisher of ``inputs`` (one JVP per vector)."""
+    def _fisher_gram(
+        self, batches: Batches, targets: Batches | None, vectors: Sequence[dict[Tensor, Tensor]]
+    ) -> Tensor:
+        """``G_ij = v_i^T F v_j``, the exact Fisher of the examples of ``batches`` (a JVP per vector)."""
         tangents = [{self._param_names[id(p)]: v for p, v in vec.items()} for vec in vectors]
         with self.recorder.paused(), torch.enable_grad():
-            return fisher_gram(self.model, inputs, tangents)
+            return exact_gram(self.model, self.curvature.likelihood, batches, targets, tangents)
 
     def _decay_form(self, a: dict[Tensor, Tensor], b: dict[Tensor, Tensor]) -> Tensor | None:
         """``sum_p r_p <a_p, b_p>`` over the decayed parameters (``None`` if none is decayed)."""
         terms = [
-            self._decay_of(group, p) * (a[p].square() if a is b else a[p] * b[p]).sum()
-            for group in self.param_groups
-            for p in group["params"]
-            if self._decay_of(group, p)
+            decay * (a[p].square() if a is b else a[p] * b[p]).sum()
+            for p, decay in self.decays.items()
+            if decay and p in a
         ]
         return torch.stack(terms).sum() if terms else None
 
@@ -367,7 +344,7 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         extra: dict[str, Tensor | float] = {"stat_decay": self.curvature.last_decay}
         if self.guard.enabled:
             extra["guard_refreshes"] = float(self.guard.refreshes)
-        return {**self._last_stats, **self._health, **extra, **self.phase_times}
+        return {**self._last_stats, **self.refresher.health, **extra, **self.phase_times}
 
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim`` state plus iteration, curvature, generator, timers and guard (loads bitwise)."""
@@ -376,7 +353,7 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         state["curvature"] = self.curvature.state_dict()
         state["generator"] = self.generator.get_state()
         state["phase_times"] = self.timer.state_dict()
-        state["pi_mean"] = self._pi_mean
+        state["pi_mean"] = self.refresher.pi_mean
         state["staleness_guard"] = self.guard.state_dict()
         return state
 
@@ -387,6 +364,6 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         self.curvature.load_state_dict(state_dict.pop("curvature"))
         self.generator.set_state(state_dict.pop("generator"))
         self.timer.load_state_dict(state_dict.pop("phase_times", {}))
-        self._pi_mean = state_dict.pop("pi_mean", None)
+        self.refresher.pi_mean = state_dict.pop("pi_mean", None)
         self.guard.load_state_dict(state_dict.pop("staleness_guard", {}), self.device)
         super().load_state_dict(state_dict)

@@ -13,31 +13,42 @@ Each iteration ``k`` (counting from 1), as named phases of :meth:`KFCPre.step`:
    fraction of the mini-batch (forward-mode JVP, :mod:`kfcrun.optim.fisher_vector`);
    if ``nu > C``: ``v <- v / sqrt(nu / C)`` (``C = 0.3``);
 4. ``_apply_momentum``: ``p <- mu p + v``; ``theta <- theta + p``;
-5. averaging: ``theta_avg <- xi theta_avg + (1 - xi) theta`` (shared with SGD,
+5. averaging: ``theta_avg <- xi_avg theta_avg + (1 - xi_avg) theta`` (shared with SGD,
    :mod:`~kfcrun.optim.averaging`).
 
 Before the first step the factors are estimated on a large training subset
 (:meth:`KFCPre.initialize`); without that call, the first step initializes them from
 its own mini-batch. The mini-batch inputs come from ``step(inputs=...)`` or, for the
-plain ``loss.backward(); opt.step()`` loop, from the recorded last training forward
-(:mod:`kfcrun.optim.inputs`).
+plain ``loss.backward(); opt.step()`` loop, from the recorded training forwards since
+the last step (:mod:`kfcrun.optim.inputs`). With gradient accumulation (several
+micro-batches per step, their mean-loss gradients averaged into ``.grad`` by the user)
+the statistics and ``nu`` cover all micro-batches, one micro-batch at a time
+(:mod:`kfcrun.optim.curvature_steps`).
 
-Parameters outside the covered layers (e.g. BatchNorm scale and shift) are not covered
-by KFC: they take the plain SGD-with-momentum step ``v = -alpha * grad`` with the same
-learning rate, and take part in ``nu`` and clipping like every other parameter.
+Coverage is :func:`~kfcrun.curvature.kfc_layers`: convolutions (any groups and padding
+mode), Linear, Embedding and the scale/shift of normalization layers each get a block.
+Every other trainable parameter (and those of ``skip_layers``) takes the plain
+SGD-with-momentum step ``v = -alpha * grad h`` with the same learning rate, and takes
+part in ``nu`` and clipping like every other parameter; the curvature warns once, naming
+the modules without a block.
+
+The shared machinery (param groups, ``grad h``, the refresh, the solve, state) lives in
+:class:`~kfcrun.optim.kfc_base.KFCOptimizerBase`, shared with :class:`~kfcrun.optim.KFAC`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
 
-from kfcrun.curvature import DampingMode, FisherType, OmegaModel
+from kfcrun.curvature import DEFAULT_MAX_FACTOR_DIM, DampingMode, FisherType, Likelihood, OmegaModel
 from kfcrun.optim.averaging import AVERAGING_MODES
-from kfcrun.optim.kfc_base import PHASES, KFCOptimizerBase, subset_size
+from kfcrun.optim.curvature_steps import Batches, leading_examples
+from kfcrun.optim.kfc_base import PHASES, KFCOptimizerBase, StepInputs, parse_inverse_dtype, subset_size
+from kfcrun.optim.knobs import LIKELIHOOD_RULE, SKIP_LAYERS_RULE
 from kfcrun.optim.staleness import StalenessGuard
 from kfcrun.schema import boolean, check_arguments, choice, integer, mapping_of_numbers, number
 
@@ -56,16 +67,21 @@ class KFCPre(KFCOptimizerBase):
             F.cross_entropy(model(x), y).backward()   # the MEAN loss
             opt.step()                           # or opt.step(inputs=x): see kfcrun.optim.inputs
 
+    Gradient accumulation: run ``(loss / n_micro).backward()`` on each micro-batch, then
+    one ``opt.step()`` (the recorder keeps every micro-batch; or pass
+    ``step(inputs=[x1, x2, ...])``).
+
     Args:
-        model: the network; maps inputs to logits ``(batch, classes)`` of a softmax
-            cross-entropy loss. Every layer :func:`~kfcrun.curvature.kfc_layers` covers gets a KFC block.
+        model: the network; maps inputs to the output of ``likelihood`` (by default logits
+            of a softmax cross-entropy, class dim 1). Every module
+            :func:`~kfcrun.curvature.kfc_layers` covers gets a block.
         lr: ``alpha``, on the gradient of the MEAN mini-batch loss.
         momentum: ``mu`` (paper: 0.9).
         weight_decay: ``lambda`` of the L2 term ``lambda/2 |W|^2`` for the covered layers' weights.
         layer_weight_decay: per-layer ``lambda`` by layer name (overrides ``weight_decay``).
         decay_biases: include biases in the L2 term (cuda-convnet does not).
-        damping: ``gamma`` (paper: 1e-3). The damping is ``sqrt(lambda + gamma)`` per factor
-            (Eqn 28) or ``lambda + gamma`` on the whole block (``damping_mode="exact"``).
+        damping: ``γ`` (paper: 1e-3). The damping is ``sqrt(λ + γ)`` per factor
+            (Eqn 28) or ``λ + γ`` on the whole block (``damping_mode="exact"``).
         damping_mode: ``"pi"`` (Eqn 28) or ``"exact"`` (Eqns 39-44).
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
         ema_warmup: use ``xi_k = min(1 - 1/k, xi)`` for the ``k``-th statistics update
@@ -85,6 +101,9 @@ class KFCPre(KFCOptimizerBase):
             from one step to the next (``None``: off). Both need ``clip`` (they watch ``nu``).
         clip: ``C`` of the update clipping; ``None`` disables clipping (and ``nu``).
         nu_fraction: fraction of the mini-batch whose exact Fisher estimates ``nu`` (paper: 1/4).
+            With BatchNorm the ``nu`` pass normalizes over that subset (train mode), so keep it
+            at a few dozen examples: over two examples of a 1x1 map the batch variance can
+            nearly vanish and ``nu`` explode, and the clip then freezes the step.
         stats_fraction: fraction of the mini-batch used for the factor statistics (the
             estimate gets noisier, the cost falls in proportion; App. A.3). The first
             ``ceil(f * M)`` examples are used; ``M`` in Eqn 32 is then that subset's size.
@@ -97,11 +116,23 @@ class KFCPre(KFCOptimizerBase):
             as ``step(targets=...)``: the empirical Fisher, a different and worse object).
         approx: ``"kfc"`` (Theorem 1-2) or ``"sua"`` (spatially uncorrelated activations,
             the idealized PRONG model of Theorem 4).
+        likelihood: the output distribution: ``"cross_entropy"`` (softmax, class dim 1),
+            ``"gaussian"`` (unit variance: per-example loss ``1/2 |f - y|^2``) or
+            ``"bernoulli"`` (sigmoid), or a :class:`~kfcrun.curvature.Likelihood` (e.g.
+            ``SoftmaxCrossEntropy(class_dim=-1, ignore_index=-100)`` for tokens). The curvature
+            and ``nu`` are the Fisher of the per-example NLL summed over output positions
+            (:mod:`kfcrun.curvature.likelihoods` lists the factors to common losses).
+        skip_layers: names or patterns of modules that get no block (plain step), e.g.
+            ``["fc", "layer4.*"]`` (:func:`~kfcrun.curvature.layer_matches`).
+        max_factor_dim: a Kronecker factor larger than this is kept as its diagonal (an LM
+            head's ``V x V`` Gamma); ``None``: no cap.
         precondition: ``False`` skips curvature entirely (SGD with momentum and clipping).
         avg_decay, avg_mode, avg_start: iterate averaging, as for :class:`kfcrun.optim.SGD`.
         seed: seeds the generator of the sampled targets.
         chunk_size: examples per chunk of the conv patch expansion (memory bound).
-        inverse_dtype: dtype of the inversions (float64 by default: cheap at these sizes).
+        inverse_dtype: dtype of the inversions: ``"float64"`` (default: cheap at the paper's
+            sizes) or ``"float32"`` (about twice as fast for the 4608-wide factors of a
+            ResNet-18), or a ``torch.dtype``; ``None``: the factors' dtype.
         record_inputs: register the :class:`~kfcrun.optim.inputs.BatchRecorder` hook so that
             ``step()`` without ``inputs`` finds the batch (see :mod:`kfcrun.optim.inputs`).
 
@@ -134,16 +165,22 @@ class KFCPre(KFCOptimizerBase):
         init_examples: Annotated[int, integer(0, "10000")] = 0,
         fisher: Annotated[FisherType | str, choice(FisherType)] = FisherType.SAMPLED,
         approx: Annotated[OmegaModel | str, choice(OmegaModel)] = OmegaModel.KFC,
+        likelihood: Annotated[Likelihood | str, LIKELIHOOD_RULE] = "cross_entropy",
+        skip_layers: Annotated[Sequence[str], SKIP_LAYERS_RULE] = (),
+        max_factor_dim: Annotated[int | None, integer(1, "8192", optional=True)] = DEFAULT_MAX_FACTOR_DIM,
         precondition: Annotated[bool, boolean()] = True,
         avg_decay: float | None = None,
         avg_mode: Annotated[str, choice(*AVERAGING_MODES)] = "paper",
         avg_start: Annotated[int, integer(0, "0")] = 0,
         seed: int = 0,
         chunk_size: int | None = None,
-        inverse_dtype: torch.dtype | None = torch.float64,
+        inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
     ) -> None:
-        check_arguments(KFCPre, locals())
+        compute_dtype = parse_inverse_dtype(KFCPre, inverse_dtype)
+        check_arguments(
+            KFCPre, {k: v for k, v in locals().items() if k not in ("inverse_dtype", "compute_dtype")}
+        )
         if clip is None and (guard_clip is not None or guard_nu_jump is not None):
             raise ValueError(
                 "guard_clip and guard_nu_jump watch nu, which clip=None turns off; set clip or drop them"
@@ -165,6 +202,9 @@ class KFCPre(KFCOptimizerBase):
             init_examples=init_examples,
             fisher=fisher,
             approx=approx,
+            likelihood=likelihood,
+            skip_layers=skip_layers,
+            max_factor_dim=max_factor_dim,
             staleness_guard=StalenessGuard(nu_jump=guard_nu_jump, health_below=guard_clip),
             precondition=precondition,
             avg_decay=avg_decay,
@@ -172,7 +212,7 @@ class KFCPre(KFCOptimizerBase):
             avg_start=avg_start,
             seed=seed,
             chunk_size=chunk_size,
-            inverse_dtype=inverse_dtype,
+            inverse_dtype=compute_dtype,
             record_inputs=record_inputs,
         )
         self.clip, self.nu_fraction = clip, nu_fraction
@@ -183,63 +223,70 @@ class KFCPre(KFCOptimizerBase):
         self,
         closure: Callable[[], Any] | None = None,
         *,
-        inputs: Tensor | None = None,
-        targets: Tensor | None = None,
+        inputs: StepInputs | None = None,
+        targets: StepInputs | None = None,
     ) -> Any:
         """One KFC-pre iteration (see the module docstring). ``.grad`` must hold the mean-loss gradient.
 
         Args:
             closure: re-evaluates the loss and its gradient (standard ``torch.optim``).
-            inputs: the mini-batch inputs; default: the recorded last training forward's.
-            targets: training labels, needed only for ``fisher="empirical"``.
+            inputs: the mini-batch inputs, or the list of micro-batches whose gradients
+                ``.grad`` holds; default: the recorded training forwards since the last step.
+            targets: training labels (a list for micro-batches), needed only when
+                :attr:`needs_labels`.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        inputs = self._batch_inputs(inputs)
+        batches, labels = self._step_batches(inputs, targets)
         k = self.iteration + 1
 
         if self.precondition_enabled:
-            self._refresh_curvature(k, inputs, targets, force=self.guard.due())
+            self._refresh_curvature(k, batches, labels, force=self.guard.due())
         with self.timer("precondition"):
             updates = self._proposed_updates()
-        nu, scale = self._clip(inputs, updates)
+        nu, scale = self._clip(batches, labels, updates)
         self._apply_momentum(updates, self.param_groups[0]["momentum"])
         self.guard.observe(nu=nu, health=scale)
 
         self.iteration = k
         self.averaging.update(self._params(), k)
         self._last_stats = {"damping": torch.tensor(self.damping)}
-        if self._pi_mean is not None:
-            self._last_stats["pi_mean"] = self._pi_mean
+        if self.refresher.pi_mean is not None:
+            self._last_stats["pi_mean"] = self.refresher.pi_mean
         if nu is not None and scale is not None:
             self._last_stats["nu"] = nu
             self._last_stats["clip_factor"] = scale
         return loss
 
     def _proposed_updates(self) -> dict[Tensor, Tensor]:
-        """Phase 2: ``v = -alpha F_hat^{-1} grad h`` in the KFC layers, ``-alpha grad h`` elsewhere."""
-        updates = self._directions()
-        for group in self.param_groups:
-            for p in group["params"]:
-                updates[p].mul_(-group["lr"])
-        return updates
+        """Phase 2: the proposed update ``v`` per parameter.
 
-    def _clip(self, inputs: Tensor, updates: dict[Tensor, Tensor]) -> tuple[Tensor | None, Tensor | None]:
-        """Phase 3: ``nu`` on part of the batch; scale ``v`` in place so that ``nu <= C`` (no host sync)."""
+        ``v = -alpha F_hat^{-1} grad h`` for the parameters a block covers (Eqn 29 for Kronecker
+        blocks), ``-alpha grad h`` for the others.
+        """
+        updates = self._directions()
+        lr = {p: group["lr"] for group in self.param_groups for p in group["params"]}
+        return {p: v.mul_(-lr[p]) for p, v in updates.items()}
+
+    def _clip(
+        self, batches: Batches, targets: Batches | None, updates: dict[Tensor, Tensor]
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Phase 3: ``nu`` on part of the step's examples; scale ``v`` in place so ``nu <= C`` (no sync)."""
         if self.clip is None:
             return None, None
         with self.timer("nu"):
-            nu = self._nu(inputs, updates)
+            nu = self._nu(batches, targets, updates)
             scale = torch.clamp(torch.sqrt(self.clip / nu), max=1.0)
             scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
             torch._foreach_mul_(list(updates.values()), scale)
         return nu, scale
 
-    def _nu(self, inputs: Tensor, updates: dict[Tensor, Tensor]) -> Tensor:
-        """``v^T F v + sum lambda |v|^2`` with the exact Fisher of the first ``nu_fraction`` of the batch."""
-        count = subset_size(self.nu_fraction, inputs.shape[0])
-        quadratic = self._fisher_gram(inputs[:count], [updates])[0, 0]
+    def _nu(self, batches: Batches, targets: Batches | None, updates: dict[Tensor, Tensor]) -> Tensor:
+        """``v^T F v + sum lambda |v|^2``, exact Fisher of the step's first ``nu_fraction`` of examples."""
+        total = sum(x.shape[0] for x in batches)
+        inputs, labels = leading_examples(batches, targets, subset_size(self.nu_fraction, total))
+        quadratic = self._fisher_gram(inputs, labels, [updates])[0, 0]
         decay = self._decay_form(updates, updates)
         return quadratic + decay if decay is not None else quadratic

@@ -10,16 +10,27 @@ Weight decay here is always the L2 term ``lambda/2 * |w|^2`` of the objective, w
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
-from torch import nn
+from torch import Tensor, nn
 
-from kfcrun.curvature import canonical_name, kfc_layers
+from kfcrun.curvature import canonical_name
+from kfcrun.curvature.coverage import KRONECKER_LAYER_TYPES
 from kfcrun.errors import ConfigError
 
 
 def weight_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The layers whose weights carry weight decay: those KFC covers (:func:`~kfcrun.curvature.kfc_layers`)."""
-    return kfc_layers(model)
+    """The layers whose weights carry weight decay: convolutions and Linear layers, by canonical name.
+
+    Normalization layers and embeddings are never decayed. Whether a layer has a
+    curvature block (:func:`~kfcrun.curvature.kfc_layers`) does not matter: the L2 term
+    is part of the objective either way.
+    """
+    return {
+        canonical_name(name): module
+        for name, module in model.named_modules()
+        if isinstance(module, KRONECKER_LAYER_TYPES)
+    }
 
 
 def layer_weight_decays(
@@ -39,6 +50,26 @@ def layer_weight_decays(
             f"allowed: {sorted(layers)}; fix: use those names or remove the entries"
         )
     return {name: float(overrides.get(name, weight_decay)) for name in layers}
+
+
+def parameter_weight_decays(
+    model: nn.Module, lambdas: Mapping[str, float], decay_biases: bool = False
+) -> dict[Tensor, float]:
+    """``{parameter: lambda}`` of the decayed parameters: weight-layer weights (biases if ``decay_biases``).
+
+    ``lambdas`` is :func:`layer_weight_decays`'s result; parameters with ``lambda = 0`` are left out.
+    """
+    out: dict[Tensor, float] = {}
+    for name, module in weight_layers(model).items():
+        decay = float(lambdas.get(name, 0.0))
+        if not decay:
+            continue
+        weight, bias = cast(Tensor, module.weight), cast("Tensor | None", module.bias)
+        if weight.requires_grad:
+            out[weight] = decay
+        if decay_biases and bias is not None and bias.requires_grad:
+            out[bias] = decay
+    return out
 
 
 def build_param_groups(

@@ -38,10 +38,12 @@ class TrainingOptimizer(Protocol):
     iteration: int
 
     @property
-    def needs_labels(self) -> bool: ...
+    def needs_labels(self) -> bool:
+        """Whether :meth:`step` must receive the training labels as ``targets``."""
 
     @property
-    def needs_closure(self) -> bool: ...
+    def needs_closure(self) -> bool:
+        """Whether :meth:`step` must receive a closure returning the mini-batch loss."""
 
     def initialize(self, batches: Iterable[InitBatch]) -> None:
         """Use ``batches`` (about ``init_examples`` examples) before the first step."""
@@ -67,3 +69,13 @@ class TrainingOptimizer(Protocol):
     @property
     def phase_times(self) -> dict[str, float]:
         """Cumulative seconds per phase of the step (empty if not timed)."""
+
+    # -- the torch.optim.Optimizer methods the loop calls -----------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the parameters' ``.grad`` (to ``None`` with ``set_to_none``), as in ``torch.optim``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume bit-for-bit (``torch.optim.Optimizer`` state plus extras)."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""

@@ -28,7 +28,7 @@ class SGD(torch.optim.SGD):
         lr: learning rate ``alpha`` on the gradient of the MEAN mini-batch loss.
         momentum: ``mu`` (paper: 0.9).
         weight_decay: default ``lambda`` for groups that do not set their own.
-        avg_decay: per-iteration EMA factor ``xi`` (see
+        avg_decay: per-iteration EMA factor ``xi_avg`` of the iterates (see
             :func:`kfcrun.optim.averaging.averaging_decay`); ``None`` disables averaging.
         avg_mode: ``"paper"`` or ``"debiased"``; ``avg_start``: see
             :class:`~kfcrun.optim.averaging.IterateAveraging`.
@@ -78,7 +78,9 @@ class SGD(torch.optim.SGD):
         avg_start: Annotated[int, integer(0, "0")] = 0,
         seed: int = 0,
     ) -> SGD:
-        """SGD on ``model`` with cuda-convnet's per-parameter settings (:func:`~kfcrun.optim.build_param_groups`).
+        """SGD on ``model`` with cuda-convnet's per-parameter settings.
+
+        The parameter groups are built by :func:`~kfcrun.optim.build_param_groups`.
 
         ``weight_decay`` (and ``layer_weight_decay`` by layer name) is the L2 ``lambda`` of the
         weight layers' weights, biases get ``lr * bias_lr_scale`` and are decayed only if
@@ -95,7 +97,9 @@ class SGD(torch.optim.SGD):
             bias_lr_scale=bias_lr_scale,
             decay_biases=decay_biases,
         )
-        return cls(groups, lr=lr, momentum=momentum, avg_decay=avg_decay, avg_mode=avg_mode, avg_start=avg_start)
+        return cls(
+            groups, lr=lr, momentum=momentum, avg_decay=avg_decay, avg_mode=avg_mode, avg_start=avg_start
+        )
 
     @property
     def needs_labels(self) -> bool:
@@ -111,14 +115,17 @@ class SGD(torch.optim.SGD):
         return {}
 
     @torch.no_grad()
-    def step(  # type: ignore[override]
+    def step(
         self,
         closure: Callable[[], Any] | None = None,
         *,
         inputs: torch.Tensor | None = None,
         targets: torch.Tensor | None = None,
     ) -> Any:
-        """``torch.optim.SGD.step``, then fold the new iterate into the average (``inputs``/``targets`` unused)."""
+        """``torch.optim.SGD.step``, then fold the new iterate into the average.
+
+        ``inputs`` and ``targets`` are unused (the gradient is already in ``.grad``).
+        """
         loss = super().step(closure)
         self.iteration += 1
         self.averaging.update(self._params(), self.iteration)
@@ -135,11 +142,13 @@ class SGD(torch.optim.SGD):
         return {}
 
     def state_dict(self) -> dict[str, Any]:
+        """The ``torch.optim.SGD`` state (momentum buffers, averages) plus the iteration count."""
         state = super().state_dict()
         state["iteration"] = self.iteration
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (a missing iteration count reads as 0)."""
         state_dict = dict(state_dict)
         self.iteration = int(state_dict.pop("iteration", 0))
         super().load_state_dict(state_dict)

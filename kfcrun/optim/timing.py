@@ -29,6 +29,7 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
+        """Time the ``with`` block and add its duration to ``phase`` (CUDA: recorded, read later)."""
         if self.use_events:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -49,8 +50,10 @@ class PhaseTimer:
         return dict(self._totals)
 
     def state_dict(self) -> dict[str, float]:
+        """Seconds per phase so far, for a checkpoint (the same as :meth:`totals`; syncs on CUDA)."""
         return self.totals()
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restore the totals of :meth:`state_dict`, dropping any pending CUDA events."""
         self._pending.clear()
         self._totals = defaultdict(float, state)

@@ -54,7 +54,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -138,7 +138,7 @@ class AssumptionSettings:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> AssumptionSettings:
         """The settings of a run config's ``assumptions`` section."""
-        return cls(**OmegaConf.to_container(cfg.assumptions, resolve=True))
+        return cls(**cast("dict[str, Any]", OmegaConf.to_container(cfg.assumptions, resolve=True)))
 
 
 def _say(message: str) -> None:
@@ -161,6 +161,7 @@ class LayerStatistics:
     activations: CorrelationAccumulator
 
     def accumulator(self, quantity: str) -> CorrelationAccumulator:
+        """The accumulator of ``quantity``: ``"derivatives"`` (``DS``) or ``"activations"``."""
         return getattr(self, quantity)
 
 
@@ -316,10 +317,11 @@ def load_network(cfg: DictConfig, key: str, value: str) -> Network:
             f"{key}={value}: {target} holds no 'model' state dict; fix: point to a kfcrun run"
         )
     saved = state.get("config")
-    ours = OmegaConf.to_container(cfg, resolve=True)
+    ours = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
     if isinstance(saved, Mapping):
         for dotted in MATCHING_KEYS:
-            theirs, mine = cfg_get(saved, dotted), cfg_get(ours, dotted)
+            # A kfcrun checkpoint's "config" is the plain dict of OmegaConf.to_container.
+            theirs, mine = cfg_get(cast("dict[str, Any]", saved), dotted), cfg_get(ours, dotted)
             if theirs is not None and theirs != mine:
                 raise ConfigError(
                     f"config error: {key}={value} holds a network trained with {dotted}={theirs}, but this "
@@ -354,7 +356,7 @@ def train_network(cfg: DictConfig, pooling: str, train_dir: Path) -> Path:
     from kfcrun.config import validate_config
     from kfcrun.train import train
 
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = cast("dict[str, Any]", OmegaConf.to_container(cfg, resolve=True))
     container.pop("hydra", None)
     run_cfg = OmegaConf.create(container)
     iters = AssumptionSettings.from_config(cfg).train_iters
@@ -473,7 +475,8 @@ def run_assumption_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
 
     with torch.device("meta"):  # refuse bad map indices before any training
-        _check_feature_maps(build_network(OmegaConf.to_container(cfg.model, resolve=True), cfg), feature_maps)
+        model_settings = cast("dict[str, Any]", OmegaConf.to_container(cfg.model, resolve=True))
+        _check_feature_maps(build_network(model_settings, cfg), feature_maps)
     networks = networks_to_study(cfg, run_dir)
     for net in networks:
         _check_feature_maps(net.model, feature_maps)

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfcrun.curvature import batch_factors_for_loss, expected_fisher_losses, nll_sum, sample_targets
-
-from .oracles import assert_close, jacobian_wrt_wbar
+from tests.helpers.oracles import assert_close, jacobian_wrt_wbar
 
 # PyTorch warns (once) that an even kernel with padding="same" pads a copy of the input.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")

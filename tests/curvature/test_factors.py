@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from kfcrun.curvature import UnsupportedLayerError, batch_factors, batch_factors_for_loss, nll_sum
-
-from .nets import conv_net, two_conv_net
-from .oracles import assert_close, conv_patches_loops, nll_of, oracle_factors
+from kfcrun.curvature import UnsupportedLayerError, batch_factors, batch_factors_for_loss, make_block, nll_sum
+from tests.helpers.nets import conv_net, two_conv_net
+from tests.helpers.oracles import assert_close, conv_patches_loops, nll_of, oracle_factors
 
 # PyTorch warns (once) that an even kernel with padding="same" pads a copy of the input.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -130,7 +129,7 @@ def test_model_grads_buffers_hooks_and_mode_are_unchanged(batch: tuple[torch.Ten
     for mode in (True, False):
         net.train(mode)
         factors = batch_factors(net, x, y)
-        assert set(factors) == {"0", "4"}
+        assert set(factors) == {"0", "1", "4"}  # the BatchNorm has a block too
         assert all(m.training is mode for m in net.modules())
         for k, v in net.named_parameters():
             assert torch.equal(v, params[k]), f"parameter {k} changed"
@@ -152,7 +151,9 @@ def test_works_under_no_grad_and_with_frozen_first_layer(batch: tuple[torch.Tens
     net[0].requires_grad_(False)
     with torch.no_grad():
         got = batch_factors(net, x, y)
-    for name in ref:
+    assert "0" not in got, "a frozen layer has no block"
+    assert set(got) == set(ref) - {"0"}
+    for name in got:
         assert_close(got[name][1], ref[name][1], atol=1e-14, what=f"{name} Gamma (frozen/no_grad)")
 
 
@@ -180,30 +181,13 @@ def test_unused_layer_is_absent_and_detached_output_gives_zero_gamma(
     assert torch.count_nonzero(factors["side"][0]) > 0
 
 
-def test_reused_layer_raises(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-    x, y = batch
-    lin = nn.Linear(4, 4).double()
-    model = nn.Sequential(nn.Flatten(), nn.Linear(98, 4), lin, lin).double()
-    with pytest.raises(RuntimeError, match="more than once"):
-        batch_factors(model, x, y)
-    assert not lin._forward_hooks
-
-
-@pytest.mark.parametrize(
-    ("conv", "match"),
-    [
+def test_sua_refuses_grouped_and_non_zero_padding() -> None:
+    for conv, match in [
         (nn.Conv2d(2, 4, 3, groups=2), "groups=2"),
         (nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
-    ],
-)
-def test_unsupported_conv_raises(
-    conv: nn.Conv2d, match: str, batch: tuple[torch.Tensor, torch.Tensor]
-) -> None:
-    x, y = batch
-    net = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(4)).double()
-    net(x)
-    with pytest.raises(UnsupportedLayerError, match=match):
-        batch_factors(net, x, y)
+    ]:
+        with pytest.raises(UnsupportedLayerError, match=match):
+            make_block("c", conv, omega_model="sua")
 
 
 def test_batch_factors_is_batch_factors_for_loss_with_nll(batch: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -13,8 +13,7 @@ from kfcrun.curvature import (
     sample_targets,
 )
 from kfcrun.curvature.fisher import make_loss_fn
-
-from .nets import two_conv_net
+from tests.helpers.nets import two_conv_net
 
 # PyTorch warns (once) that an even kernel with padding="same" pads a copy of the input.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")

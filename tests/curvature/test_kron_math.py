@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from kfcrun.curvature import kron_math
-
-from .oracles import assert_close, unvec, vec
+from tests.helpers.oracles import assert_close, unvec, vec
 
 
 def _spd(n: int, seed: int, rank: int | None = None) -> torch.Tensor:

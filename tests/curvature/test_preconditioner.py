@@ -17,9 +17,8 @@ from kfcrun.curvature import (
     combined_grad,
     split_update,
 )
-
-from .nets import two_conv_net
-from .oracles import assert_close, unvec, vec
+from tests.helpers.nets import two_conv_net
+from tests.helpers.oracles import assert_close, unvec, vec
 
 # PyTorch warns (once) that an even kernel with padding="same" pads a copy of the input.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
@@ -266,15 +265,15 @@ def test_misuse_raises_clear_errors() -> None:
     _, curv = _ready("pi")
     with pytest.raises(RuntimeError, match="update_inverses"):
         curv.precondition(_random_grads(curv))
-    with pytest.raises(ValueError, match="no entry for layers"):
-        curv.update_inverses(1e-3, {"0": 0.0})
+    with pytest.raises(ValueError, match="without a block"):
+        curv.update_inverses(1e-3, {"nope": 0.0})
     curv.update_inverses(1e-3, 0.0)
     with pytest.raises(ValueError, match="shape"):
         curv.precondition({"0": torch.zeros(3, 3, dtype=torch.float64)})
     with pytest.raises(KeyError, match="nope"):
         curv.precondition({"nope": torch.zeros(3, 3)})
     _, exact = _ready("exact")
-    with pytest.raises(ValueError, match="lam \\+ gamma > 0"):
+    with pytest.raises(ValueError, match="damping \\(λ \\+ γ\\) > 0"):
         exact.update_inverses(0.0, 0.0)
     with pytest.raises(ValueError, match="damping_mode"):
         KFCCurvature(net, damping_mode="kfac")

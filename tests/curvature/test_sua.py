@@ -8,7 +8,7 @@ from torch import nn
 
 from kfcrun.curvature import KFCCurvature
 from kfcrun.curvature.kron_math import conv_omega, conv_omega_sua, conv_padding
-from tests.curvature.oracles import assert_close, conv_geometry
+from tests.helpers.oracles import assert_close, conv_geometry
 
 
 def sua_by_definition(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from pathlib import Path
@@ -10,10 +9,7 @@ from pathlib import Path
 import pytest
 
 from kfcrun.data import ImageData, load_dataset
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-#: The JPEG export of CIFAR-10 shipped beside the repository (see shared/data/README.md).
-DEFAULT_CIFAR10_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
+from tests.conftest import cifar10_image_folder, cifar10_skip_reason
 
 
 @pytest.fixture(autouse=True)
@@ -39,10 +35,10 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def cifar10_dir() -> Path:
-    """The CIFAR-10 image folder: ``$KFCRUN_CIFAR10_DIR`` or ``<repo>/../shared/data/cifar10``."""
-    path = Path(os.environ.get("KFCRUN_CIFAR10_DIR", DEFAULT_CIFAR10_DIR))
+    """The CIFAR-10 image folder (:func:`tests.conftest.cifar10_image_folder`)."""
+    path = cifar10_image_folder()
     if not (path / "train").is_dir():
-        pytest.skip(f"CIFAR-10 image folder not found at {path}; set KFCRUN_CIFAR10_DIR to run these tests")
+        pytest.skip(cifar10_skip_reason(path))
     return path
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from kfcrun.optim.fisher_vector import fisher_gram, fisher_quadratic, softmax_output_gram
-from tests.curvature.oracles import assert_close, explicit_fisher
-from tests.optim.nets import batch, tiny_net
+from kfcrun.curvature import SoftmaxCrossEntropy
+from kfcrun.optim.fisher_vector import fisher_gram, fisher_quadratic, output_gram
+from tests.helpers.optim_nets import batch, tiny_net
+from tests.helpers.oracles import assert_close, explicit_fisher
+from tests.optim.test_nu_likelihoods import _case, explicit_quadratic
 
 
 def random_directions(model: nn.Module, count: int, seed: int = 3) -> list[dict[str, torch.Tensor]]:
@@ -75,6 +78,7 @@ def test_batch_norm_buffers_are_left_alone():
 
 
 def test_softmax_output_gram_from_its_definition():
+    """``H_m = diag(p_m) - p_m p_m^T`` applied to two JVPs, by hand."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 3, generator=g, dtype=torch.float64)
     jvps = [torch.randn(5, 3, generator=g, dtype=torch.float64) for _ in range(2)]
@@ -85,4 +89,42 @@ def test_softmax_output_gram_from_its_definition():
         for i in range(2):
             for j in range(2):
                 expected[i, j] += jvps[i][m] @ h @ jvps[j][m] / 5
-    assert_close(softmax_output_gram(logits, jvps), expected, rtol=1e-12, what="output-space Fisher")
+    assert_close(
+        output_gram(SoftmaxCrossEntropy(), logits, jvps), expected, rtol=1e-12, what="output-space Fisher"
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["ce_classes", "ce_pixels", "ce_tokens_masked", "gaussian_pixels", "bernoulli_pixels"]
+)
+def test_fisher_gram_for_every_likelihood_and_dense_outputs(name: str) -> None:
+    """Issue 11's likelihoods in K-FAC's Gram matrix: each entry against explicit Jacobians.
+
+    The off-diagonal ``v^T F w`` by polarization, ``((v+w)^T F (v+w) - (v-w)^T F (v-w)) / 4``,
+    each side from ``J`` (``torch.func.jacrev``) and ``H_n`` built from the likelihood's definition;
+    the diagonal is ``fisher_quadratic`` bitwise (``nu``'s scaling: summed over positions, mean
+    over examples, the scaling of the factors).
+    """
+    torch.manual_seed(0)
+    model, x, lik, labels = _case(name)
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    g = torch.Generator().manual_seed(4)
+    v, w = (
+        {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in model.named_parameters()}
+        for _ in range(2)
+    )
+    gram = fisher_gram(model, x, [v, w], likelihood=lik, targets=labels)
+    plus = {n: v[n] + w[n] for n in v}
+    minus = {n: v[n] - w[n] for n in v}
+    expected = torch.empty(2, 2, dtype=torch.float64)
+    expected[0, 0] = explicit_quadratic(model, x, v, lik, labels)
+    expected[1, 1] = explicit_quadratic(model, x, w, lik, labels)
+    expected[0, 1] = expected[1, 0] = (
+        explicit_quadratic(model, x, plus, lik, labels) - explicit_quadratic(model, x, minus, lik, labels)
+    ) / 4
+    assert_close(gram, expected, atol=1e-12, rtol=1e-10, what=name)
+    assert torch.equal(
+        fisher_gram(model, x, [v], likelihood=lik, targets=labels)[0, 0],
+        fisher_quadratic(model, x, v, likelihood=lik, targets=labels),
+    )

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfcrun.optim import KFCPre
-from tests.curvature.oracles import assert_close
+from tests.helpers.oracles import assert_close
 
 
 class ChannelAffine(nn.Module):

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kfcrun.optim.curvature_steps as curvature_steps_module
 import kfcrun.optim.kfac as kfac_module
-import kfcrun.optim.kfc_base as kfc_base_module
 from kfcrun.optim import KFAC, KFCPre
 from kfcrun.optim.quadratic_model import gamma_candidates, levenberg_marquardt, model_coefficients
-from tests.curvature.oracles import assert_close, explicit_fisher
-from tests.optim.nets import batch, flat_params, tiny_net
+from tests.helpers.optim_nets import batch, flat_params, tiny_net
+from tests.helpers.oracles import assert_close, explicit_fisher
 
 #: Everything adaptive off: the curvature schedule alone.
 FROZEN_CURVATURE = dict(stats_every=100, inverse_every=100, refresh_until=0, ema_warmup=False)
@@ -70,7 +70,10 @@ def quadratic_model(g: torch.Tensor, curvature: torch.Tensor) -> Callable[[torch
 
 
 def grid_minimum(fn: Callable[[float, float], float], half_width: float = 20.0) -> tuple[float, float]:
-    """Minimize ``fn(a, m)`` by brute force on a 41 x 41 grid, zooming in 40 times around the best point."""
+    """Minimize ``fn(a, m)`` by brute force on a 41 x 41 grid, zooming in around the best point.
+
+    Stops after 40 zooms, or when the grid's values differ by no more than rounding.
+    """
     center = (0.0, 0.0)
     for _ in range(40):
         axis = torch.linspace(-half_width, half_width, 41, dtype=torch.float64)
@@ -80,6 +83,8 @@ def grid_minimum(fn: Callable[[float, float], float], half_width: float = 20.0) 
             for m in axis.tolist()
         ]
         best = min(values)
+        if max(values)[0] - best[0] <= 1e-13 * abs(best[0]):
+            break  # the grid no longer resolves fn above rounding: its minimum would be noise
         assert abs(best[1] - center[0]) < half_width and abs(best[2] - center[1]) < half_width, (
             "minimum on the edge"
         )
@@ -146,7 +151,9 @@ class ConvexQuadratic:
         self.optimum = torch.randn(n, generator=g, dtype=torch.float64)
         self.model = model
 
-    def gram(self, model: nn.Module, inputs: torch.Tensor, directions: list[dict]) -> torch.Tensor:
+    def gram(
+        self, model: nn.Module, inputs: torch.Tensor, directions: list[dict], **_: object
+    ) -> torch.Tensor:
         vectors = torch.stack(
             [torch.cat([d[n].reshape(-1) for n, _ in model.named_parameters()]) for d in directions]
         )
@@ -169,7 +176,7 @@ def test_closed_form_and_rho_on_a_convex_quadratic(monkeypatch, rho_includes_lam
     r, lam = 0.02, 0.5
     model = tiny_net()
     quadratic = ConvexQuadratic(model)
-    monkeypatch.setattr(kfc_base_module, "fisher_gram", quadratic.gram)
+    monkeypatch.setattr(curvature_steps_module, "fisher_gram", quadratic.gram)
     opt = KFAC(
         model,
         weight_decay=r,
@@ -339,8 +346,8 @@ def run_scaled(monkeypatch, c: float, steps: int = 8) -> tuple[torch.Tensor, lis
     Kronecker-factored) is ``c`` times larger, which the patches below supply.
     """
     model = tiny_net()
-    real_gram = kfc_base_module.fisher_gram
-    monkeypatch.setattr(kfc_base_module, "fisher_gram", lambda *a: c * real_gram(*a))
+    real_gram = curvature_steps_module.fisher_gram
+    monkeypatch.setattr(curvature_steps_module, "fisher_gram", lambda *a, **k: c * real_gram(*a, **k))
     opt = KFAC(
         model,
         weight_decay=0.01 * c,
@@ -408,6 +415,33 @@ def test_without_adaptation_kfac_is_kfc_pre_without_clipping(batch_norm, damping
         flat_params(kfac_model), flat_params(pre_model), rtol=1e-12, atol=1e-14, what="K-FAC vs KFC-pre"
     )
     assert kfac.step_stats()["alpha"].item() == 0.2 and kfac.step_stats()["mu"].item() == 0.8
+
+
+def union_loss(
+    model: nn.Module, parts: list[tuple[torch.Tensor, torch.Tensor]]
+) -> Callable[[], torch.Tensor]:
+    """The mean loss over the union of the micro-batches ``parts``."""
+    count = sum(x.shape[0] for x, _ in parts)
+    return lambda: sum(F.cross_entropy(model(x), y, reduction="sum") for x, y in parts) / count
+
+
+def test_micro_batches_give_the_steps_of_one_batch():
+    """Gradient accumulation: two micro-batches (their mean-loss gradients weighted into ``.grad``)
+    take the same K-FAC steps as their union: statistics, the quadratic model and rho cover both."""
+    settings = dict(weight_decay=0.01, damping=0.05, lambda_every=2, gamma_every=3, fisher="expected", seed=4)
+    whole_model, micro_model = tiny_net(), tiny_net()
+    whole, micro = KFAC(whole_model, **settings), KFAC(micro_model, **settings)
+    for seed in range(4):
+        x, y = batch(seed)
+        kfac_step(whole_model, whole, x, y)
+        parts = [(x[:2], y[:2]), (x[2:], y[2:])]
+        micro.zero_grad()
+        for xi, yi in parts:
+            (F.cross_entropy(micro_model(xi), yi) * xi.shape[0] / x.shape[0]).backward()
+        micro.step(union_loss(micro_model, parts), inputs=[xi for xi, _ in parts])
+    assert_close(flat_params(micro_model), flat_params(whole_model), rtol=1e-10, atol=1e-12, what="params")
+    for key in ("alpha", "mu", "lambda", "damping", "rho"):
+        assert micro.step_stats()[key].item() == pytest.approx(whole.step_stats()[key].item(), rel=1e-9), key
 
 
 def test_step_needs_a_closure_when_rho_is_due():

@@ -14,8 +14,8 @@ from torch import nn
 from kfcrun.curvature import batch_factors, sample_targets
 from kfcrun.optim import SGD, KFCPre, build_param_groups
 from kfcrun.optim.fisher_vector import fisher_quadratic
-from tests.curvature.oracles import assert_close, explicit_fisher
-from tests.optim.nets import batch, flat_params, model_at, tiny_net, train_step
+from tests.helpers.optim_nets import batch, flat_params, model_at, tiny_net, train_step
+from tests.helpers.oracles import assert_close, explicit_fisher
 
 
 # -- nu = v^T F v ---------------------------------------------------------------------------------
@@ -198,17 +198,35 @@ def test_reduces_to_sgd_with_momentum_without_preconditioning():
     )
 
 
-def test_batch_norm_parameters_take_plain_sgd_steps():
+def test_batch_norm_parameters_take_their_blocks_step():
+    """BN scale/shift: ``-alpha (F_c + gamma I)^{-1} g_c`` per channel, F_c from the first step's batch."""
     model = tiny_net(batch_norm=True)
-    opt = KFCPre(model, lr=0.1, momentum=0.9, clip=None)
+    bn = model[1]
+    x, y = batch(2)
+    (fisher,) = batch_factors(model, x, y)["1"]
+    opt = KFCPre(model, lr=0.1, momentum=0.9, clip=None, fisher="empirical", damping=1e-2)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    g = torch.stack([bn.weight.grad, bn.bias.grad], dim=-1).unsqueeze(-1)
+    step = torch.linalg.solve(fisher + 1e-2 * torch.eye(2, dtype=torch.float64), g).squeeze(-1)
+    expected = bn.weight.detach() - 0.1 * step[:, 0], bn.bias.detach() - 0.1 * step[:, 1]
+    opt.step(targets=y)
+    assert_close(bn.weight.detach(), expected[0], rtol=1e-10, what="BN scale after one step")
+    assert_close(bn.bias.detach(), expected[1], rtol=1e-10, what="BN shift after one step")
+    assert model[0].bias is None and opt.curvature.blocks["0"].omega.shape == (18, 18)
+
+
+def test_skipped_layers_take_plain_sgd_steps():
+    model = tiny_net(batch_norm=True)
+    opt = KFCPre(model, lr=0.1, momentum=0.9, clip=None, skip_layers=["1"])
+    assert "1" not in opt.blocks
     bn = model[1]
     x, y = batch(2)
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     expected = bn.weight.detach() - 0.1 * bn.weight.grad
     opt.step()
-    assert_close(bn.weight.detach(), expected, rtol=1e-12, what="BN scale after one step")
-    assert model[0].bias is None and opt.curvature.blocks["0"].omega.shape == (18, 18)
+    assert_close(bn.weight.detach(), expected, rtol=1e-12, what="BN scale after one plain step")
 
 
 @pytest.mark.parametrize(
@@ -325,9 +343,9 @@ def test_copies_of_the_model_do_not_feed_the_optimizer():
     shadow(batch(5)[0]).sum().backward()
     assert opt.recorder.inputs is x
     restored = pickle.loads(pickle.dumps(model))
-    assert all(hook.inputs is None for hook in restored._forward_pre_hooks.values())
+    assert all(hook.inputs is None for hook in restored._forward_hooks.values())
     opt.remove_hooks()
-    assert not model._forward_pre_hooks
+    assert not model._forward_hooks
 
 
 def test_stats_fraction_uses_the_first_examples():
@@ -339,7 +357,9 @@ def test_stats_fraction_uses_the_first_examples():
     draws = torch.Generator().manual_seed(4)
     sample_targets(model(batch(7)[0]), draws)  # the initialization's draw
     expected = batch_factors(model, x[:3], sample_targets(model(x[:3]), draws))  # ceil(0.5 * 5) = 3
-    train_step(model, opt, x, y)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step(inputs=x)  # explicit: batch_factors above ran (and backpropagated) the model too
     for name, block in opt.curvature.blocks.items():
         assert_close(block.omega, expected[name][0], what=f"Omega {name}")
         assert_close(block.gamma, expected[name][1], what=f"Gamma {name}")

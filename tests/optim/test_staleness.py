@@ -7,7 +7,7 @@ import torch
 
 from kfcrun.optim import KFCPre
 from kfcrun.optim.staleness import StalenessGuard
-from tests.optim.nets import batch, tiny_net, train_step
+from tests.helpers.optim_nets import batch, tiny_net, train_step
 
 
 def t(value: float) -> torch.Tensor:

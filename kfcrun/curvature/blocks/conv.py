@@ -1,61 +1,143 @@
-"""The Kronecker block of ``nn.Conv2d``: KFC (paper Sec. 3), or the SUA model of Theorem 4."""
+"""The Kronecker block of a convolution (``nn.Conv1d``, ``nn.Conv2d``): KFC (Sec. 3), or SUA (Theorem 4)."""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kron_math
 from ..vocabulary import DampingMode, OmegaModel
-from .base import KroneckerBlock, UnsupportedLayerError
+from .base import DEFAULT_MAX_FACTOR_DIM, KroneckerBlock, UnsupportedLayerError
 
-__all__ = ["Conv2dBlock"]
+__all__ = ["Conv1dBlock", "Conv2dBlock", "ConvBlock"]
+
+#: ``padding_mode`` of a conv layer -> ``mode`` of ``F.pad``.
+_PAD_MODES = {"reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
-class Conv2dBlock(KroneckerBlock):
-    """``nn.Conv2d`` (KFC, Sec. 3): any stride, dilation, zero padding (int, pair, ``"same"``, ``"valid"``).
+class ConvBlock(KroneckerBlock):
+    """A convolution (KFC, Sec. 3): any stride, dilation, padding, ``padding_mode`` and ``groups``.
 
-    ``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` with ``[[A]]`` = ``F.unfold`` of the input
-    (rows = output positions), built in chunks of examples (one GEMM each);
-    ``Gamma_hat = 1/(M|T|) DS^T DS`` with ``|T|`` the number of output positions.
-    ``omega_model="sua"`` replaces ``Omega_hat`` by the spatially-uncorrelated-activations
-    model of Theorem 4 (:func:`kron_math.conv_omega_sua`); Gamma is unchanged.
-    ``groups > 1`` and padding modes other than ``"zeros"`` raise
-    :class:`UnsupportedLayerError`: KFC's Omega for them is not the unfold moment.
+    ``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` with ``[[A]]`` the patches of the input as the
+    layer sees them (rows = output positions), built in chunks of examples (one GEMM
+    each); ``Gamma_hat = 1/(M|T|) DS^T DS`` with ``|T|`` the number of output positions.
+
+    * **Padding.** ``padding_mode="zeros"``: the patches are zero outside the image (any
+      ``padding``, including ``"same"`` with an even kernel). Other modes
+      (``"reflect"``, ``"replicate"``, ``"circular"``): the input is padded exactly as the
+      layer pads it (``F.pad`` with the layer's ``_reversed_padding_repeated_twice`` and
+      mode) and then expanded without padding, so ``[[A]]`` holds the values the kernel
+      really multiplies.
+    * **Groups** (``groups = g > 1``, including depthwise ``g = J``): output channels
+      ``i I/g .. (i+1) I/g - 1`` see only input channels ``i J/g .. (i+1) J/g - 1``, so the
+      layer's Fisher block is block-diagonal over groups in its weights, and KFC gives
+      ``g`` independent Kronecker blocks ``Omega_i ⊗ Gamma_i``: ``Omega_i`` from the
+      patches of input group ``i`` (size ``(J/g)|Δ| [+1]``), ``Gamma_i`` from the
+      derivatives of output group ``i`` (size ``I/g``). Factors are stacked ``(g, k, k)``
+      and inverted together (one ``pi`` per group). Cross-group Fisher entries are
+      dropped, as KFC drops cross-layer entries. A depthwise conv with channel multiplier
+      ``m`` has ``Omega_i`` of size ``|Δ| [+1]`` and ``Gamma_i`` of size ``m``.
+    * **SUA** (``omega_model="sua"``): the spatially-uncorrelated-activations Omega of
+      Theorem 4 (:func:`kron_math.conv_omega_sua`), for ``groups = 1`` and zero padding only.
+
+    Shared (reused) layers: the uses' output positions are pooled (see
+    :meth:`KroneckerBlock.pass_statistic`).
     """
 
-    kind = "conv2d"
+    kind = "conv"
     channel_dim = 1
+    #: Spatial dims of the layer's input (1 for Conv1d, 2 for Conv2d).
+    spatial_dims: ClassVar[int] = 2
 
     def __init__(
         self,
         name: str,
-        module: nn.Conv2d,
+        module: nn.Conv1d | nn.Conv2d,
         damping_mode: DampingMode | str = DampingMode.PI,
         omega_model: OmegaModel | str = OmegaModel.KFC,
+        *,
+        max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
     ) -> None:
-        if module.groups != 1:
-            raise UnsupportedLayerError(
-                f"kfc: layer {name!r} is a grouped convolution (groups={module.groups}); "
-                "only groups=1 is supported"
-            )
-        if module.padding_mode != "zeros":
-            raise UnsupportedLayerError(
-                f"kfc: layer {name!r} uses padding_mode={module.padding_mode!r}; only 'zeros' is supported"
-            )
         self.omega_model = OmegaModel.parse(omega_model, "approx")
-        super().__init__(name, module, damping_mode)
-        self.padding = kron_math.conv_padding(
-            module.kernel_size, module.stride, module.padding, module.dilation
-        )
+        if self.omega_model is OmegaModel.SUA and (module.groups != 1 or module.padding_mode != "zeros"):
+            raise UnsupportedLayerError(
+                f"kfc: layer {name!r}: approx='sua' needs groups=1 and padding_mode='zeros' "
+                f"(got groups={module.groups}, padding_mode={module.padding_mode!r}); use approx='kfc'"
+            )
+        super().__init__(name, module, damping_mode, groups=module.groups, max_factor_dim=max_factor_dim)
+        self.conv = module
+        self.pad_mode = _PAD_MODES.get(module.padding_mode)
+        kernel, stride, dilation = self._as_2d(module.kernel_size, module.stride, module.dilation)
+        self.kernel_size, self.stride, self.dilation = kernel, stride, dilation
+        if self.pad_mode is not None:
+            self.padding = ((0, 0), (0, 0))  # the input is pre-padded in the layer's mode
+        elif self.spatial_dims == 1:
+            (left, right), _ = kron_math.conv_padding(
+                module.kernel_size[0], module.stride[0], _first(module.padding), module.dilation[0]
+            )
+            self.padding = ((0, 0), (left, right))
+        else:
+            self.padding = kron_math.conv_padding(
+                module.kernel_size, module.stride, module.padding, module.dilation
+            )
+
+    def _as_2d(self, *pairs: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+        """Kernel/stride/dilation as 2-D pairs (a Conv1d is a Conv2d of height 1)."""
+        if self.spatial_dims == 1:
+            return tuple((1, int(p[0])) for p in pairs)
+        return tuple((int(p[0]), int(p[1])) for p in pairs)
 
     def _batched(self, t: Tensor) -> Tensor:
-        return t.unsqueeze(0) if t.dim() == 3 else t
+        return t.unsqueeze(0) if t.dim() == self.spatial_dims + 1 else t
+
+    def _image(self, inp: Tensor) -> Tensor:
+        """The input as the layer convolves it: batched, padded in the layer's mode, as a 4-D image."""
+        x = self._batched(inp)
+        if self.pad_mode is not None:
+            x = F.pad(x, self.conv._reversed_padding_repeated_twice, mode=self.pad_mode)
+        return x.unsqueeze(2) if self.spatial_dims == 1 else x
 
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
-        conv: nn.Conv2d = self.module  # type: ignore[assignment]
-        geometry = dict(
-            stride=conv.stride, padding=self.padding, dilation=conv.dilation, homogeneous=self.has_bias
+        """``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` (or the SUA model) of the input as the layer pads it.
+
+        Per group for ``g > 1``, the diagonal only above the size cap; an unbatched input is one
+        example; ``chunk_size`` bounds the examples expanded at once (KFC model only).
+        """
+        x = self._image(inp)
+        geometry: dict[str, Any] = dict(
+            stride=self.stride, padding=self.padding, dilation=self.dilation, homogeneous=self.has_bias
         )
         if self.omega_model is OmegaModel.SUA:
-            return kron_math.conv_omega_sua(self._batched(inp), conv.kernel_size, **geometry)
-        return kron_math.conv_omega(self._batched(inp), conv.kernel_size, chunk_size=chunk_size, **geometry)
+            omega = kron_math.conv_omega_sua(x, self.kernel_size, **geometry)
+            return omega.diagonal().clone() if self.omega_diagonal else omega
+        return kron_math.conv_omega(
+            x,
+            self.kernel_size,
+            chunk_size=chunk_size,
+            groups=self.groups,
+            diagonal=self.omega_diagonal,
+            **geometry,
+        )
+
+
+def _first(padding: str | tuple[int, ...]) -> str | int:
+    return padding if isinstance(padding, str) else int(padding[0])
+
+
+class Conv2dBlock(ConvBlock):
+    """``nn.Conv2d``: see :class:`ConvBlock`."""
+
+    kind = "conv2d"
+    spatial_dims = 2
+
+
+class Conv1dBlock(ConvBlock):
+    """``nn.Conv1d``: the same patch machinery, as a Conv2d of height 1 (kernel ``(1, k)``).
+
+    See :class:`ConvBlock`.
+    """
+
+    kind = "conv1d"
+    spatial_dims = 1

@@ -13,10 +13,11 @@ __all__ = ["LinearBlock"]
 class LinearBlock(KroneckerBlock):
     """``nn.Linear``: ``Psi_hat = (1/M) sum a_bar a_bar^T``, ``Gamma_hat = 1/(M|T|) sum Ds Ds^T``.
 
-    Input ``(M, in)`` is standard K-FAC (``|T| = 1``). Input ``(M, T..., in)`` treats
-    the middle dims as ``|T|`` positions, consistently with the conv convention
-    (Omega summed over positions and divided by ``M``; Gamma averaged over ``M|T|``).
-    A 1-D (unbatched) input is one example.
+    Input ``(M, in)`` is standard K-FAC (``|T| = 1``). Input ``(M, T..., in)`` (tokens of
+    a sequence, pixels of a 1x1 conv written as Linear) treats the middle dims as
+    ``|T|`` positions, consistently with the conv convention (Omega summed over positions
+    and divided by ``M``; Gamma averaged over ``M|T|``). A 1-D (unbatched) input is one
+    example. A shared layer pools the positions of its uses.
     """
 
     kind = "linear"
@@ -26,4 +27,7 @@ class LinearBlock(KroneckerBlock):
         return t.unsqueeze(0) if t.dim() == 1 else t
 
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
-        return kron_math.linear_omega(self._batched(inp), homogeneous=self.has_bias)
+        """``Psi_hat = (1/M) sum_rows a_bar a_bar^T`` of a ``(M, ..., in)`` input (``chunk_size`` unused)."""
+        return kron_math.linear_omega(
+            self._batched(inp), homogeneous=self.has_bias, diagonal=self.omega_diagonal
+        )

@@ -1,0 +1,1 @@
+"""Shared test helpers: oracles computed from definitions, tiny networks, the experiment list, small runs."""
