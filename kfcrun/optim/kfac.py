@@ -320,7 +320,9 @@ class KFAC(KFCOptimizerBase):
         h_before = self._objective(closure, rewind) if rho_due and closure is not None else None
         alpha, mu = model["w"][0], model["w"][1] if previous is not None else None
         updates = {p: v.mul_(alpha.to(v.dtype)) for p, v in proposals[chosen].items()}
-        self._apply_momentum(updates, mu.to(updates[next(iter(updates))].dtype) if mu is not None else 0.0)
+        momentum = mu if mu is not None else torch.zeros((), dtype=torch.float64, device=alpha.device)
+        updates, momentum = self._finite_or_nothing(updates, momentum)
+        self._apply_momentum(updates, momentum.to(updates[next(iter(updates))].dtype))
 
         if rho_due and closure is not None and h_before is not None:
             with self.timer("rho"):
@@ -332,6 +334,22 @@ class KFAC(KFCOptimizerBase):
         self.averaging.update(self._params(), k)
         self._record_stats(model)
         return h_before
+
+    @staticmethod
+    def _finite_or_nothing(updates: Vectors, momentum: Tensor) -> tuple[Vectors, Tensor]:
+        """``(alpha v_1, mu)`` if all of it is finite, else no step at all: zeros (no host read).
+
+        A failed model (non-finite ``C`` or ``d``: e.g. a JVP through BatchNorm over a
+        near-constant batch overflows) gives ``alpha = mu = 0``, but ``0 * inf`` is NaN; one
+        non-finite entry would poison every parameter through ``theta + delta``. The step is
+        skipped instead and ``delta_prev`` reset; ``rho`` is then ``-inf`` on ``T_1``
+        iterations (nothing decreased), so ``lambda`` grows.
+        """
+        finite = torch.isfinite(momentum)
+        for v in updates.values():
+            finite = finite & torch.isfinite(v).all()
+        kept = {p: torch.where(finite, v, torch.zeros_like(v)) for p, v in updates.items()}
+        return kept, torch.where(finite, momentum, torch.zeros_like(momentum))
 
     @staticmethod
     def _negated(directions: Vectors) -> Vectors:
@@ -427,7 +445,7 @@ class KFAC(KFCOptimizerBase):
         predicted = model["change"] if self.rho_includes_lambda else model["change_without_lambda"]
         actual = h_after - h_before
         rho = actual / predicted
-        failed = ~torch.isfinite(actual) | (actual > 0)
+        failed = ~torch.isfinite(actual) | (actual > 0) | ~torch.isfinite(predicted)  # a failed model too
         model["rho"] = torch.where(failed, torch.full_like(rho, -math.inf), rho)
         self.rho = float(model["rho"])
         lam = levenberg_marquardt(self.lam, self.rho, self.lambda_minus, self.lambda_plus)
