@@ -57,7 +57,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -137,6 +137,22 @@ class DampedInverse(ABC):
         for key in self.state_keys:
             value = state.get(key)
             setattr(self, key, None if value is None else value.detach().clone().to(device))
+
+    def fitted_state(self) -> dict[str, Any]:
+        """Everything a solve reads: the committed tensors and the other damping candidates' fits."""
+        return {**{key: getattr(self, key) for key in self.state_keys}, "_extra": getattr(self, "_extra", [])}
+
+    def load_fitted_state(self, state: dict[str, Any]) -> None:
+        """Install :meth:`fitted_state` output of another process (tensors used as given)."""
+        for key in self.state_keys:
+            setattr(self, key, state.get(key))
+        setattr(self, "_extra", list(state.get("_extra", [])))  # noqa: B010  (typed per subclass)
+
+    def release(self) -> None:
+        """Drop the fit (memory): :attr:`ready` is false until the next fit or load."""
+        for key in self.state_keys:
+            setattr(self, key, None)
+        setattr(self, "_extra", [])  # noqa: B010  (typed per subclass)
 
     def _keep_previous(
         self, total: float, store: torch.dtype, device: torch.device, reason: str = ""

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from kfcrun.curvature import (
     DEFAULT_MAX_FACTOR_DIM,
     CurvatureBlock,
+    CurvatureComm,
     CurvatureSchedule,
     DampingMode,
     FisherType,
@@ -57,6 +58,7 @@ from kfcrun.optim.curvature_steps import (
     leading_examples,
     micro_batches,
     precondition_parameters,
+    sharded_leading,
     subset_size,
 )
 from kfcrun.optim.inputs import BatchRecorder
@@ -143,6 +145,12 @@ class KFCPre(torch.optim.Optimizer):
             ResNet-18), or a ``torch.dtype``; ``None``: the factors' dtype.
         record_inputs: register the :class:`~kfcrun.optim.inputs.BatchRecorder` hook so that
             ``step()`` without ``inputs`` finds the batch (see :mod:`kfcrun.optim.inputs`).
+        grad_worker_fraction: data parallel only (:meth:`distribute`): KAISA's ``f``, the
+            fraction of ranks that hold each layer's inverse. ``1.0``: the owner broadcasts
+            each fit and every rank solves (memory: all inverses on every rank; traffic: the
+            inverses every ``T_f``); ``0`` (or ``<= 1/P``): the owner solves and broadcasts the
+            preconditioned gradient (memory: ``1/P`` of the inverses; traffic: one gradient
+            every step). Same parameters either way (:mod:`kfcrun.distributed.curvature_comm`).
 
     The arguments annotated with a :class:`~kfcrun.schema.Rule` are the config knobs of
     ``configs/optimizer/kfc_pre.yaml`` (validated from these annotations); ``model``,
@@ -181,6 +189,7 @@ class KFCPre(torch.optim.Optimizer):
         chunk_size: int | None = None,
         inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
+        grad_worker_fraction: Annotated[float, number("1.0", ge=0, le=1)] = 1.0,
     ) -> None:
         compute_dtype: torch.dtype | None
         if isinstance(inverse_dtype, str):
@@ -221,6 +230,7 @@ class KFCPre(torch.optim.Optimizer):
         self.clip, self.nu_fraction, self.stats_fraction = clip, nu_fraction, stats_fraction
         self.decay_biases, self.precondition_enabled = decay_biases, precondition
         self.init_examples = init_examples
+        self.grad_worker_fraction = grad_worker_fraction
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.iteration = 0
@@ -269,6 +279,17 @@ class KFCPre(torch.optim.Optimizer):
         """Cumulative seconds per phase: statistics, inverses, precondition, nu."""
         totals = self.timer.totals()
         return {f"kfc_{phase}_s": totals.get(phase, 0.0) for phase in PHASES}
+
+    def distribute(self, comm: CurvatureComm) -> None:
+        """Run data parallel: statistics, inverses, solves and ``nu`` go through ``comm``.
+
+        ``comm`` (:class:`kfcrun.distributed.DataParallelCurvatureComm`, built by the runner
+        with :attr:`grad_worker_fraction`) averages the factor statistics over ranks, splits
+        the inverses among them and reduces ``nu``; each rank's ``step`` gets its slice of
+        the global batch (``.grad`` already averaged over ranks).
+        """
+        self.curvature.comm = comm
+        self.curvature.release_foreign_inverses()
 
     def remove_hooks(self) -> None:
         """Detach the input-recording hook from the model (``step`` then needs ``inputs=``)."""
@@ -391,11 +412,20 @@ class KFCPre(torch.optim.Optimizer):
         self, batches: list[Tensor], targets: list[Tensor] | None, updates: dict[Tensor, Tensor]
     ) -> Tensor:
         """``v^T F v + sum lambda |v|^2``, exact Fisher of the step's first ``nu_fraction`` of examples."""
-        total = sum(x.shape[0] for x in batches)
-        inputs, labels = leading_examples(batches, targets, subset_size(self.nu_fraction, total))
+        comm = self.curvature.comm
         tangents = {self._param_names[id(p)]: v for p, v in updates.items()}
-        with self.recorder.paused(), torch.enable_grad():
-            quadratic = exact_quadratic(self.model, self.curvature.likelihood, inputs, labels, tangents)
+        if comm is not None and not comm.shard.single:
+            # This rank's examples of the global subset; the mean over all of them (one all-reduce).
+            inputs, labels, count = sharded_leading(self.curvature, batches, targets, self.nu_fraction)
+            assert count is not None
+            with self.recorder.paused(), torch.enable_grad():
+                local = exact_quadratic(self.model, self.curvature.likelihood, inputs, labels, tangents)
+            quadratic = comm.all_reduce_sum(local * (inputs[0].shape[0] / count), "nu")
+        else:
+            total = sum(x.shape[0] for x in batches)
+            inputs, labels = leading_examples(batches, targets, subset_size(self.nu_fraction, total))
+            with self.recorder.paused(), torch.enable_grad():
+                quadratic = exact_quadratic(self.model, self.curvature.likelihood, inputs, labels, tangents)
         decay_terms = [
             self.decays[p] * v.square().sum() for p, v in updates.items() if self.decays.get(p, 0.0)
         ]
