@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
@@ -36,5 +37,11 @@ def wrap_data_parallel(model: nn.Module, ctx: DistributedContext) -> Distributed
         ctx.log.record("gradients", buffer.numel() * buffer.element_size())
         return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
 
+    # DDP checks the hook's annotations as objects; this module's are strings (PEP 563).
+    counted_allreduce.__annotations__ = {
+        "state": object,
+        "bucket": dist.GradBucket,
+        "return": torch.futures.Future[torch.Tensor],
+    }
     ddp.register_comm_hook(None, counted_allreduce)
     return ddp
