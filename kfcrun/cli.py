@@ -36,7 +36,7 @@ from hydra.core.override_parser.types import Override
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kfcrun.errors import ConfigError, KfcrunError
+from kfcrun.errors import ConfigError, KfcrunError, TrainingDivergedError
 from kfcrun.resume import ResumeRequest, resumed_config
 from kfcrun.run_dir import (
     PlannedRunDir,
@@ -489,7 +489,40 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def _print_error(err: KfcrunError) -> None:
+    from kfcrun import launch
+
+    if launch.is_follower():
+        # Rank 0 reports what every rank agrees on (a signal, divergence, a lost rank) in one line.
+        from kfcrun.signals import RunInterrupted
+        from kfcrun.train import RankLostError
+
+        if isinstance(err, (RunInterrupted, TrainingDivergedError, RankLostError)):
+            return
+        print(f"kfcrun: rank {os.environ.get('RANK', '?')}: {err}", file=sys.stderr, flush=True)
+        return
     print(f"kfcrun: {err}", file=sys.stderr, flush=True)
+
+
+def _follow() -> None:
+    """A rank other than 0 under torchrun: no Hydra, no preflight; train rank 0's job."""
+    import warnings
+
+    from kfcrun import launch
+
+    warnings.filterwarnings("ignore")  # rank 0 shows the run's warnings once
+    logging.getLogger().setLevel(logging.ERROR)
+
+    def train_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+        try:
+            _train_task(cfg, run_dir, overrides)
+        except (KfcrunError, OSError) as err:
+            error = _user_error(err)
+            if error is None:
+                raise
+            _print_error(error)
+            sys.exit(error.exit_code)
+
+    launch.follow(train_job)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -497,6 +530,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     global PLANNED_RUN_DIR
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    from kfcrun import launch
+
+    if launch.launched_world_size() > 1:
+        launch.context()  # join the process group before anything else (every rank)
+        if launch.is_follower():
+            _follow()
+            return
+        try:
+            _refuse_sweep_under_torchrun(sys.argv[1:])
+            _main()
+        except SystemExit as stop:
+            launch.record_exit_code(stop.code if isinstance(stop.code, int) else 1)
+            raise
+        return
+    _main()
+
+
+def _refuse_sweep_under_torchrun(argv: Sequence[str]) -> None:
+    if "-m" in argv or "--multirun" in argv:
+        err = ConfigError(
+            "config error: -m (a sweep) under torchrun: every process would run every job; "
+            "fix: run the sweep with hydra/launcher=submitit_slurm (one data-parallel job per value), "
+            "or one torchrun per value"
+        )
+        _print_error(err)
+        sys.exit(err.exit_code)
+
+
+def _main() -> None:
+    """Preflight, then Hydra (a new run or sweep) or a resume (rank 0 of a data-parallel run too)."""
+    global PLANNED_RUN_DIR
     try:
         try:
             plan = preflight(sys.argv[1:])

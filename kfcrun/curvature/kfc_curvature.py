@@ -356,7 +356,7 @@ class KFCCurvature:
         pending = {name: mine[name].prepare_inverse(totals[name], self.inverse_dtype) for name in mine}
         flags = _read_flags(list(pending.values()))
         result = InverseUpdate()
-        for (name, block), block_flags in zip(mine.items(), flags, strict=True):
+        for block, block_flags in zip(mine.values(), flags, strict=True):
             result.nonfinite += int(not block_flags[0])
             block.inverse.commit(block_flags)
         if self.comm is not None and not self.comm.solve_on_owner:
@@ -397,7 +397,7 @@ class KFCCurvature:
         return {name: block for name, block in self.blocks.items() if self.owns(name)}
 
     def gather_inverses(self) -> None:
-        """Give every rank every fitted inverse (a collective; before a checkpoint with ``solve_on_owner``)."""
+        """Give every rank every fitted inverse (collective: for checkpoints with ``solve_on_owner``)."""
         if self.comm is not None and self.comm.solve_on_owner and self.has_inverses:
             self.comm.share_inverses(self.blocks, list(self.blocks))
 

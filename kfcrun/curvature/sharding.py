@@ -37,7 +37,7 @@ class BatchShard:
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={self.rank}, world={self.world_size}")
+            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world={self.world_size}")
 
     @property
     def single(self) -> bool:

@@ -41,7 +41,9 @@ def _is_square(t: Tensor) -> bool:
     return t.dim() >= 2 and t.shape[-1] == t.shape[-2]
 
 
-def pack_triangles(tensors: Sequence[Tensor], dtype: torch.dtype | None = None) -> tuple[Tensor, list[Layout]]:
+def pack_triangles(
+    tensors: Sequence[Tensor], dtype: torch.dtype | None = None
+) -> tuple[Tensor, list[Layout]]:
     """One flat vector (of ``dtype``, default the widest input dtype) holding every tensor's upper triangle.
 
     Square tensors (last two dims equal) must be symmetric: only their upper triangles travel.

@@ -130,34 +130,25 @@ def _export_slurm_environment() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def init_from_environment(device_setting: str, timeout_s: float = 1800.0) -> DistributedContext | None:
-    """Join the launcher's process group, or return ``None`` for a single process.
+def init_from_environment(timeout_s: float = 1800.0) -> DistributedContext:
+    """Join the launcher's process group (``launched_world_size() > 1``).
 
-    ``device_setting`` is ``trainer.device``: ``auto``/``cuda`` use NCCL on ``cuda:LOCAL_RANK``
-    when CUDA is present, ``cpu`` (or no CUDA) uses gloo on the CPU.
+    With CUDA the group has NCCL for CUDA tensors and gloo for CPU tensors, and this rank's
+    device is ``cuda:LOCAL_RANK``; without CUDA it is gloo on the CPU. The runner may move a
+    rank to the CPU (``trainer.device=cpu``) by setting :attr:`DistributedContext.device`.
     """
-    if launched_world_size() <= 1:
-        return None
     if "WORLD_SIZE" not in os.environ:
         _export_slurm_environment()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_setting != "cpu" and torch.cuda.is_available()
-    if device_setting.startswith("cuda") and ":" in device_setting:
-        raise ConfigError(
-            f"config error: trainer.device={device_setting} names one GPU, but under torchrun each rank uses "
-            "cuda:LOCAL_RANK; fix: trainer.device=cuda (or auto)"
-        )
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl"
     else:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
-        if use_cuda:
-            kwargs["device_id"] = device
-        dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     return DistributedContext(rank=rank, world_size=world, local_rank=local_rank, device=device)

@@ -56,10 +56,10 @@ def gradient_workers(fraction: float, world_size: int) -> int:
     workers = max(1, round(fraction * world_size))
     if 1 < workers < world_size:
         raise ConfigError(
-            f"config error: optimizer.grad_worker_fraction={fraction} on {world_size} ranks asks for {workers} "
-            "gradient workers per layer (KAISA's HYBRID-OPT), which kfcrun does not implement; "
-            f"allowed: 1.0 (every rank solves, inverses broadcast) or <= {1 / world_size:g} (the owner solves, "
-            "solutions broadcast); fix: optimizer.grad_worker_fraction=1.0"
+            f"config error: optimizer.grad_worker_fraction={fraction} on {world_size} ranks asks for "
+            f"{workers} gradient workers per layer (KAISA's HYBRID-OPT), which kfcrun does not implement; "
+            f"allowed: 1.0 (every rank solves, inverses broadcast) or <= {1 / world_size:g} "
+            "(the owner solves, solutions broadcast); fix: optimizer.grad_worker_fraction=1.0"
         )
     return workers
 
@@ -140,9 +140,9 @@ class DataParallelCurvatureComm:
             if rank == self.rank or not described:
                 continue
             layouts = [layout for _, ls in described.values() for layout in ls]
-            leaves = iter(unpack_bytes(buffers[rank], layouts, device))
+            received = iter(unpack_bytes(buffers[rank], layouts, device))
             for name, (structure, ls) in described.items():
-                state = _unflatten(structure, [next(leaves) for _ in ls])
+                state = _unflatten(structure, [next(received) for _ in ls])
                 blocks[name].inverse.load_fitted_state(state)
 
     # -- solutions ----------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class DataParallelCurvatureComm:
 
 
 def _flatten(value: Any) -> tuple[Any, list[Tensor]]:
-    """``(structure, tensors)`` of nested dicts/lists/tuples of tensors (other leaves kept in the structure)."""
+    """``(structure, tensors)`` of nested dicts/lists/tuples (other leaves stay in the structure)."""
     leaves: list[Tensor] = []
 
     def walk(v: Any) -> Any:

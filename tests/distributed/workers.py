@@ -45,7 +45,7 @@ def data(steps: int, batch: int, init: int) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def train(rank: int, world: int, port: int, spec: dict[str, Any], out: str) -> None:
-    """Train ``spec['steps']`` steps of global batch ``spec['batch']`` on ``world`` ranks; rank 0 writes ``out``."""
+    """``spec['steps']`` steps of global batch ``spec['batch']`` on ``world`` ranks; rank 0 writes ``out``."""
     torch.set_num_threads(1)
     ctx = None
     if world > 1:
@@ -115,9 +115,7 @@ def train(rank: int, world: int, port: int, spec: dict[str, Any], out: str) -> N
         )
     if rank == 0:
         torch.save(state, out)
-        Path(out + ".json").write_text(
-            json.dumps({"stats_calls": stats_calls, "losses": losses, **extra})
-        )
+        Path(out + ".json").write_text(json.dumps({"stats_calls": stats_calls, "losses": losses, **extra}))
     if ctx is not None:
         dist.barrier()
         dist.destroy_process_group()
