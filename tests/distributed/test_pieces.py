@@ -94,7 +94,7 @@ def test_resnet18_inverses_are_balanced_over_two_and_four_ranks():
     ranked = sorted(costs.values(), reverse=True)
     for world in (2, 4):
         loads = load_per_rank(costs, assign_by_cost(costs, world), world)
-        # No assignment of whole blocks beats: the mean load, the largest block, two of the P+1 largest on a rank.
+        # Lower bounds for whole blocks: mean load, largest block, two of the P+1 largest on one rank.
         lower_bound = max(sum(ranked) / world, ranked[0], ranked[world - 1] + ranked[world])
         assert max(loads) <= 1.001 * lower_bound, (world, loads)
     round_robin = load_per_rank(costs, {n: i % 2 for i, n in enumerate(costs)}, 2)
