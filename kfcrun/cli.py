@@ -52,7 +52,17 @@ log = logging.getLogger("kfcrun")
 
 CONFIG_MODULE = "kfcrun.configs"
 CONFIG_NAME = "config"
-CONFIG_GROUPS = ("dataset", "model", "optimizer", "trainer", "logger", "experiment", "sweep", "debug")
+CONFIG_GROUPS = (
+    "dataset",
+    "model",
+    "optimizer",
+    "trainer",
+    "logger",
+    "experiment",
+    "sweep",
+    "debug",
+    "cluster",
+)
 
 # One id per process: two runs started in the same second get different directories.
 _RUN_UID = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
@@ -368,6 +378,7 @@ def run_task(cfg: DictConfig) -> float | None:
 
     A single run that fails before the trainer wrote anything leaves no directory behind.
     """
+    from kfcrun import launch
     from kfcrun.config import validate_config
     from kfcrun.signals import RunInterrupted
 
@@ -383,7 +394,8 @@ def run_task(cfg: DictConfig) -> float | None:
                 CONFIG_GROUPS,
             )
             cfg, run_dir, resume_overrides = request.cfg, request.run_dir, list(request.overrides)
-        elif cfg.task == "train":
+        elif cfg.task == "train" and not launch.is_follower():
+            # (a Slurm task other than rank 0 takes rank 0's decision: kfcrun.launch.share_job)
             cfg = _continue_if_requeued(cfg, run_dir)
         validate_config(cfg)
         if resume_overrides:

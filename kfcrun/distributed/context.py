@@ -50,7 +50,9 @@ def launched_world_size() -> int:
     """The number of processes the launcher started (1 outside torchrun/Slurm tasks)."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+    # A Slurm task of a submitit job (not just any shell inside an allocation of several tasks).
+    slurm_job = "SUBMITIT_EXECUTOR" in os.environ and "SLURM_PROCID" in os.environ
+    if slurm_job and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return int(os.environ["SLURM_NTASKS"])
     return 1
 
@@ -127,7 +129,7 @@ def _export_slurm_environment() -> None:
             "config error: this is one of several Slurm tasks but submitit is not installed, so the "
             "process group cannot be formed; fix: pip install 'kfcrun[cluster]', or launch with torchrun"
         ) from err
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)  # keeps MASTER_PORT
 
 
 def init_from_environment(timeout_s: float = 1800.0) -> DistributedContext:
