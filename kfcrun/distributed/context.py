@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +37,8 @@ class CommLog:
 
     calls: Counter[str] = field(default_factory=Counter)
     bytes: Counter[str] = field(default_factory=Counter)
+    #: Wall-clock seconds this rank waited in blocking collectives (DDP's overlapped ones are not timed).
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def record(self, purpose: str, payload: int) -> None:
         """Count one collective of ``payload`` bytes."""
@@ -44,6 +49,7 @@ class CommLog:
         """Forget everything counted so far."""
         self.calls.clear()
         self.bytes.clear()
+        self.seconds.clear()
 
 
 def launched_world_size() -> int:
@@ -83,8 +89,22 @@ class DistributedContext:
     def all_reduce(self, tensor: Tensor, purpose: str) -> Tensor:
         """Sum ``tensor`` over ranks in place (one call); returns it."""
         self.log.record(purpose, tensor.numel() * tensor.element_size())
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        with self.timed(purpose):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    @contextmanager
+    def timed(self, purpose: str) -> Iterator[None]:
+        """Add the seconds spent inside the block to ``log.seconds[purpose]`` (device synchronized)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.log.seconds[purpose] = self.log.seconds.get(purpose, 0.0) + time.perf_counter() - start
 
     def broadcast(self, tensor: Tensor, src: int, purpose: str, async_op: bool = False) -> Any:
         """Broadcast ``tensor`` from rank ``src`` (on the ``purpose`` group if one was made)."""

@@ -115,6 +115,10 @@ class DataParallelCurvatureComm:
     # -- inverses -----------------------------------------------------------------------------
     def share_inverses(self, blocks: Mapping[str, CurvatureBlock], names: list[str]) -> None:
         """Broadcast the fits of ``names`` from their owners: one async broadcast per owner."""
+        with self.ctx.timed("inverses"):
+            self._share_inverses(blocks, names)
+
+    def _share_inverses(self, blocks: Mapping[str, CurvatureBlock], names: list[str]) -> None:
         mine = [n for n in names if self.owners[n] == self.rank]
         structures: dict[str, Any] = {}
         tensors: list[Tensor] = []
@@ -148,6 +152,10 @@ class DataParallelCurvatureComm:
     # -- solutions ----------------------------------------------------------------------------
     def share_solutions(self, solved: dict[str, Tensor], grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Every block's preconditioned gradient, broadcast by its owner (one async broadcast per owner)."""
+        with self.ctx.timed("solutions"):
+            return self._share_solutions(solved, grads)
+
+    def _share_solutions(self, solved: dict[str, Tensor], grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
         device = self.ctx.device
         by_rank: dict[int, list[str]] = {}
         for name in grads:
