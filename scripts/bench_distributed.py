@@ -84,7 +84,7 @@ def measure(rank: int, world: int, port: int, method: str, batch: int, steps: in
         loss.backward()
         opt.step(inputs=xl)
         if ctx is not None:  # the runner's per-step agreement (loss, stop flags)
-            ctx.all_reduce(torch.tensor([float(loss), 0.0, 0.0], dtype=torch.float64), "control")
+            ctx.all_reduce(torch.tensor([float(loss.detach()), 0.0, 0.0], dtype=torch.float64), "control")
 
     for _ in range(warmup):
         step()

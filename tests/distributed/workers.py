@@ -104,7 +104,7 @@ def train(rank: int, world: int, port: int, spec: dict[str, Any], out: str) -> N
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
         opt.step(inputs=xb)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     state = {name: p.detach().clone() for name, p in net.named_parameters()}
     extra = {}
     if isinstance(opt, KFCPre):
