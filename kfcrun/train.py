@@ -45,7 +45,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -500,7 +500,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.train_model(inputs), labels)
         loss.backward()
-        self.optimizer.step(inputs=inputs, targets=labels if self.optimizer.needs_labels else None)
+        closure = _loss_closure(self.model, inputs, labels) if self.optimizer.needs_closure else None
+        self.optimizer.step(closure, inputs=inputs, targets=labels if self.optimizer.needs_labels else None)
         if self.cfg.model.max_norm is not None:
             apply_max_norm(self.model, self.cfg.model.max_norm)
         self.clock.stop()
@@ -696,6 +697,13 @@ def _lost_peer(err: BaseException) -> bool:
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return (lines[0] if lines else type(err).__name__)[:160]
+
+
+def _loss_closure(
+    model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """The mini-batch's mean loss at the model's current parameters (K-FAC evaluates it after its update)."""
+    return lambda: F.cross_entropy(model(inputs), labels)
 
 
 def _where(last_checkpoint: tuple[int, Path] | None) -> str:
