@@ -23,8 +23,10 @@ def _relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
         {"method": "kfc_pre", "fraction": 1.0},
         {"method": "kfc_pre", "fraction": 0.0},
         {"method": "kfc_pre", "fraction": 1.0, "damping_mode": "exact", "init": 32},
+        {"method": "kfac", "fraction": 1.0},
+        {"method": "kfac", "fraction": 0.0},
     ],
-    ids=["sgd", "kfc_pre-f1", "kfc_pre-f0", "kfc_pre-exact-init"],
+    ids=["sgd", "kfc_pre-f1", "kfc_pre-f0", "kfc_pre-exact-init", "kfac-f1", "kfac-f0"],
 )
 def test_two_ranks_equal_one(tmp_path: Path, spec: dict) -> None:
     spec = {"steps": 10, "batch": 16, **spec}
@@ -37,7 +39,7 @@ def test_two_ranks_equal_one(tmp_path: Path, spec: dict) -> None:
 
     init = dict(two_conv_net(0).named_parameters())
     assert _relative({k: init[k].detach() for k in start}, start) > 1e-3
-    if spec["method"] == "kfc_pre":
+    if spec["method"] != "sgd":
         # one all-reduce per statistics update on 2 ranks (none in one process)
         assert info_two["stats_calls"] and set(info_two["stats_calls"]) == {1}
         assert set(info_one["stats_calls"]) == {0}

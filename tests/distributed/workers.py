@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfcrun.distributed import DataParallelCurvatureComm, DistributedContext, wrap_data_parallel
-from kfcrun.optim import SGD, KFCPre
+from kfcrun.optim import KFAC, SGD, KFCPre
+from kfcrun.optim.kfc_base import KFCOptimizerBase
 from tests.helpers.nets import two_conv_net
 
 
@@ -63,6 +64,19 @@ def train(rank: int, world: int, port: int, spec: dict[str, Any], out: str) -> N
     steps, batch, init = spec["steps"], spec["batch"], spec.get("init", 0)
     if spec["method"] == "sgd":
         opt: Any = SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, avg_decay=0.9)
+    elif spec["method"] == "kfac":
+        opt = KFAC(
+            net,
+            weight_decay=1e-3,
+            stats_every=2,
+            inverse_every=3,
+            lambda_every=2,
+            gamma_every=4,
+            stats_fraction=spec.get("stats_fraction", 0.5),
+            avg_decay=0.9,
+            seed=0,
+            grad_worker_fraction=spec.get("fraction", 1.0),
+        )
     else:
         opt = KFCPre(
             net,
@@ -80,11 +94,11 @@ def train(rank: int, world: int, port: int, spec: dict[str, Any], out: str) -> N
     model: nn.Module = net
     stats_calls: list[int] = []
     if ctx is not None:
-        if isinstance(opt, KFCPre):
+        if isinstance(opt, KFCOptimizerBase):
             comm = DataParallelCurvatureComm(ctx, opt.curvature.blocks, opt.grad_worker_fraction)
             opt.distribute(comm)
         model = wrap_data_parallel(net, ctx)
-    if isinstance(opt, KFCPre):
+    if isinstance(opt, KFCOptimizerBase):
         update = opt.curvature.update_statistics
 
         def counted_update(*args: Any, **kwargs: Any) -> Any:
@@ -95,7 +109,7 @@ def train(rank: int, world: int, port: int, spec: dict[str, Any], out: str) -> N
 
         opt.curvature.update_statistics = counted_update  # type: ignore[method-assign]
     x, y, x_init = data(steps, batch, init)
-    if init and isinstance(opt, KFCPre):
+    if init and isinstance(opt, KFCOptimizerBase):
         opt.initialize(x_init[start : start + batch][rank::world] for start in range(0, init, batch))
     losses = []
     for k in range(steps):
@@ -103,11 +117,12 @@ def train(rank: int, world: int, port: int, spec: dict[str, Any], out: str) -> N
         opt.zero_grad()
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
-        opt.step(inputs=xb)
+        closure = (lambda x=xb, y=yb: F.cross_entropy(net(x), y)) if spec["method"] == "kfac" else None
+        opt.step(closure, inputs=xb)
         losses.append(float(loss.detach()))
     state = {name: p.detach().clone() for name, p in net.named_parameters()}
     extra = {}
-    if isinstance(opt, KFCPre):
+    if isinstance(opt, KFCOptimizerBase):
         full = opt.state_dict()  # a collective with grad_worker_fraction=0
         extra["inverse_updates"] = opt.curvature.num_inverse_updates
         extra["has_all_inverses"] = all(
