@@ -1,4 +1,8 @@
-"""Data parallel on 2 gloo ranks with global batch B equals 1 process with batch B (float64, no BN)."""
+"""Data parallel on 2 gloo ranks with global batch B equals 1 process with batch B (float64, no BN).
+
+Each case spawns two processes (~15 s on a loaded 2-core machine); the default suite runs one
+case per method, ``-m slow`` the other ``grad_worker_fraction`` ends and exact damping.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +24,14 @@ def _relative(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     "spec",
     [
         {"method": "sgd"},
-        {"method": "kfc_pre", "fraction": 1.0},
+        pytest.param({"method": "kfc_pre", "fraction": 1.0}, marks=pytest.mark.slow),
         {"method": "kfc_pre", "fraction": 0.0},
-        {"method": "kfc_pre", "fraction": 1.0, "damping_mode": "exact", "init": 32},
+        pytest.param(
+            {"method": "kfc_pre", "fraction": 1.0, "damping_mode": "exact", "init": 32},
+            marks=pytest.mark.slow,
+        ),
         {"method": "kfac", "fraction": 1.0},
-        {"method": "kfac", "fraction": 0.0},
+        pytest.param({"method": "kfac", "fraction": 0.0}, marks=pytest.mark.slow),
     ],
     ids=["sgd", "kfc_pre-f1", "kfc_pre-f0", "kfc_pre-exact-init", "kfac-f1", "kfac-f0"],
 )

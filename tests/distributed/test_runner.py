@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -22,6 +23,7 @@ def _files(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+@pytest.mark.slow
 def test_only_rank_0_writes_and_resume_on_the_same_world_size_is_exact(tmp_path: Path, cache_dir: Path):
     kfc = [*KFC_TINY, "optimizer.grad_worker_fraction=0"]
     # 2 ranks to iteration 4 in one go ...
@@ -45,6 +47,7 @@ def test_only_rank_0_writes_and_resume_on_the_same_world_size_is_exact(tmp_path:
     assert all(state["omega_inv"] is not None for state in layers.values())
 
 
+@pytest.mark.slow
 def test_resume_on_another_world_size_works_and_says_so(tmp_path: Path, cache_dir: Path, caplog):
     run = tmp_path / "run"
     train_ranks(2, _yaml(cache_dir, *KFC_TINY, "trainer.max_iters=2"), run, tmp_path / "o")

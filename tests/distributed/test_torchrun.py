@@ -48,6 +48,7 @@ def test_torchrun_smoke_on_two_processes(tmp_path: Path, cache_dir: Path):
     )
 
 
+@pytest.mark.slow
 def test_a_bad_config_under_torchrun_is_one_line_and_no_directory(tmp_path: Path, cache_dir: Path):
     proc = _torchrun(
         ["experiment=smoke", "trainer.batch_size=63", f"hydra.run.dir={tmp_path / 'run'}"],
