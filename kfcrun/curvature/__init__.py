@@ -58,17 +58,21 @@ from .fisher import expected_fisher_losses, make_loss_fn, nll_sum, sample_target
 from .inverses import DampedInverse, EigenInverse, KroneckerInverse, PiCholeskyInverse, UnitwiseInverse
 from .kfc_curvature import InverseUpdate, KFCCurvature, MicroBatches, StatisticsUpdate
 from .likelihoods import LIKELIHOODS, Bernoulli, Gaussian, Likelihood, SoftmaxCrossEntropy, make_likelihood
+from .parallel import CurvatureComm
 from .schedule import CurvatureSchedule
+from .sharding import BatchShard, ExampleDraws
 from .vocabulary import DampingMode, FisherType, OmegaModel
 
 __all__ = [
     "DEFAULT_MAX_FACTOR_DIM",
     "LIKELIHOODS",
+    "BatchShard",
     "Bernoulli",
     "Conv1dBlock",
     "Conv2dBlock",
     "ConvBlock",
     "CurvatureBlock",
+    "CurvatureComm",
     "CurvatureSchedule",
     "DampedInverse",
     "DampingMode",
@@ -76,6 +80,7 @@ __all__ = [
     "EmbeddingBlock",
     "Estimate",
     "EstimateAccumulator",
+    "ExampleDraws",
     "FisherType",
     "Gaussian",
     "InverseUpdate",

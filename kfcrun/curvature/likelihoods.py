@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .sharding import ExampleDraws, as_draws
+
 __all__ = [
     "LIKELIHOODS",
     "Bernoulli",
@@ -66,9 +68,17 @@ class Likelihood(ABC):
 
     @abstractmethod
     def sample(
-        self, output: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
+        self,
+        output: Tensor,
+        generator: torch.Generator | ExampleDraws | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
-        """Targets drawn from ``p(. | output)`` without gradient (``labels`` only supply a mask)."""
+        """Targets drawn from ``p(. | output)`` without gradient (``labels`` only supply a mask).
+
+        ``generator`` is a seeded generator, or :class:`~kfcrun.curvature.sharding.ExampleDraws`
+        that draws for the whole global batch and keeps this rank's rows (data parallelism:
+        the targets of an example do not depend on the number of ranks).
+        """
 
     @abstractmethod
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
@@ -159,11 +169,18 @@ class SoftmaxCrossEntropy(Likelihood):
         return (labels != self.ignore_index).reshape(-1)
 
     def sample(
-        self, output: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
+        self,
+        output: Tensor,
+        generator: torch.Generator | ExampleDraws | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """``y ~ Categorical(softmax(output))`` per position (int64), ``ignore_index`` where masked."""
         probs = torch.softmax(_float(self._rows(output.detach())), dim=-1)
-        draws = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        # Inverse CDF: y = #{c : cdf_c <= u * cdf_C}, one uniform per position (no host sync).
+        uniforms = as_draws(generator).uniform(self._target_shape(output), probs.dtype, probs.device)
+        cdf = probs.cumsum(dim=-1)
+        scaled = (uniforms.reshape(-1, 1) * cdf[:, -1:]).contiguous()
+        draws = torch.searchsorted(cdf, scaled, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
         mask = self._mask(output, labels)
         if mask is not None:
             draws = torch.where(mask, draws, torch.full_like(draws, self.ignore_index))  # type: ignore[arg-type]
@@ -224,11 +241,14 @@ class Gaussian(Likelihood):
     name = "gaussian"
 
     def sample(
-        self, output: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
+        self,
+        output: Tensor,
+        generator: torch.Generator | ExampleDraws | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """``y = f + eps``, ``eps ~ N(0, I)``."""
         f = output.detach()
-        noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
+        noise = as_draws(generator).normal(tuple(f.shape), f.dtype, f.device)
         return f + noise
 
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
@@ -256,11 +276,15 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
 
     def sample(
-        self, output: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
+        self,
+        output: Tensor,
+        generator: torch.Generator | ExampleDraws | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """``y ~ Bernoulli(sigmoid(f))`` as floats in ``{0, 1}``."""
         p = torch.sigmoid(_float(output.detach()))
-        return torch.bernoulli(p, generator=generator).to(output.dtype)
+        uniforms = as_draws(generator).uniform(tuple(p.shape), p.dtype, p.device)
+        return (uniforms < p).to(output.dtype)
 
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
         """``F.binary_cross_entropy_with_logits(f, y, reduction="sum")``."""

@@ -147,7 +147,9 @@ class KFAC(KFCOptimizerBase):
             model built from this Fisher.
         avg_decay, avg_mode, avg_start: iterate averaging, as for :class:`kfcrun.optim.SGD`.
         seed: seeds the generator of the sampled targets.
-        chunk_size, inverse_dtype, record_inputs: as for KFC-pre.
+        chunk_size, inverse_dtype, record_inputs, grad_worker_fraction: as for KFC-pre. Data
+            parallel (:meth:`distribute`), the quadratic model's Fisher products and ``h`` are
+            summed over ranks, so every rank chooses the same ``alpha``, ``mu``, ``lambda``, ``gamma``.
 
     :meth:`step_stats` holds the last step's ``alpha``, ``mu``, ``lambda``, ``damping`` (``gamma``),
     ``m_decrease`` (``M(theta) - M(theta + delta)``, with ``lambda``), ``nu`` (``delta^T F delta``), the
@@ -204,6 +206,7 @@ class KFAC(KFCOptimizerBase):
         chunk_size: int | None = None,
         inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
+        grad_worker_fraction: Annotated[float, number("1.0", ge=0, le=1)] = 1.0,
     ) -> None:
         compute_dtype = parse_inverse_dtype(KFAC, inverse_dtype)
         check_arguments(
@@ -240,6 +243,7 @@ class KFAC(KFCOptimizerBase):
             chunk_size=chunk_size,
             inverse_dtype=compute_dtype,
             record_inputs=record_inputs,
+            grad_worker_fraction=grad_worker_fraction,
         )
         self.fixed_lr, self.fixed_momentum = lr, momentum
         self.lam = float(lambda_init if lambda_init is not None else damping)
@@ -424,6 +428,7 @@ class KFAC(KFCOptimizerBase):
             rewind()
             loss = closure()
         loss = torch.as_tensor(loss).detach().to(torch.float64)
+        loss = self._global_mean(loss, 1, None, "objective")  # data parallel: the global batch's mean
         params = {p: p.detach() for p in self._params()}
         l2 = self._decay_form(params, params)
         return loss + 0.5 * l2.to(torch.float64) if l2 is not None else loss

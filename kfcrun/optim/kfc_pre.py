@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from kfcrun.curvature import DEFAULT_MAX_FACTOR_DIM, DampingMode, FisherType, Likelihood, OmegaModel
 from kfcrun.optim.averaging import AVERAGING_MODES
-from kfcrun.optim.curvature_steps import Batches, leading_examples
+from kfcrun.optim.curvature_steps import Batches
 from kfcrun.optim.kfc_base import PHASES, KFCOptimizerBase, StepInputs, parse_inverse_dtype, subset_size
 from kfcrun.optim.knobs import LIKELIHOOD_RULE, SKIP_LAYERS_RULE
 from kfcrun.optim.staleness import StalenessGuard
@@ -135,6 +135,12 @@ class KFCPre(KFCOptimizerBase):
             ResNet-18), or a ``torch.dtype``; ``None``: the factors' dtype.
         record_inputs: register the :class:`~kfcrun.optim.inputs.BatchRecorder` hook so that
             ``step()`` without ``inputs`` finds the batch (see :mod:`kfcrun.optim.inputs`).
+        grad_worker_fraction: data parallel only (:meth:`distribute`): KAISA's ``f``, the
+            fraction of ranks that hold each layer's inverse. ``1.0``: the owner broadcasts
+            each fit and every rank solves (memory: all inverses on every rank; traffic: the
+            inverses every ``T_f``); ``0`` (or ``<= 1/P``): the owner solves and broadcasts the
+            preconditioned gradient (memory: ``1/P`` of the inverses; traffic: one gradient
+            every step). Same parameters either way (:mod:`kfcrun.distributed.curvature_comm`).
 
     The arguments annotated with a :class:`~kfcrun.schema.Rule` are the config knobs of
     ``configs/optimizer/kfc_pre.yaml`` (validated from these annotations); ``model``,
@@ -176,6 +182,7 @@ class KFCPre(KFCOptimizerBase):
         chunk_size: int | None = None,
         inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
+        grad_worker_fraction: Annotated[float, number("1.0", ge=0, le=1)] = 1.0,
     ) -> None:
         compute_dtype = parse_inverse_dtype(KFCPre, inverse_dtype)
         check_arguments(
@@ -214,6 +221,7 @@ class KFCPre(KFCOptimizerBase):
             chunk_size=chunk_size,
             inverse_dtype=compute_dtype,
             record_inputs=record_inputs,
+            grad_worker_fraction=grad_worker_fraction,
         )
         self.clip, self.nu_fraction = clip, nu_fraction
 
@@ -285,8 +293,7 @@ class KFCPre(KFCOptimizerBase):
 
     def _nu(self, batches: Batches, targets: Batches | None, updates: dict[Tensor, Tensor]) -> Tensor:
         """``v^T F v + sum lambda |v|^2``, exact Fisher of the step's first ``nu_fraction`` of examples."""
-        total = sum(x.shape[0] for x in batches)
-        inputs, labels = leading_examples(batches, targets, subset_size(self.nu_fraction, total))
-        quadratic = self._fisher_gram(inputs, labels, [updates])[0, 0]
+        inputs, labels, total = self._leading(batches, targets, self.nu_fraction)  # (global examples)
+        quadratic = self._fisher_gram(inputs, labels, [updates], global_examples=total)[0, 0]
         decay = self._decay_form(updates, updates)
         return quadratic + decay if decay is not None else quadratic
