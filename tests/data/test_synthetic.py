@@ -48,9 +48,10 @@ def test_deterministic_and_seeded() -> None:
 
 
 def test_fast() -> None:
-    start = time.perf_counter()
+    # CPU time of this process, not wall-clock: a loaded shared machine must not fail it.
+    start = time.process_time()
     load_dataset("synthetic", None, synthetic=SMALL)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 def test_uses_the_pixel_range() -> None:
