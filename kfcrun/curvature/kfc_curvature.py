@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .blocks import DEFAULT_MAX_FACTOR_DIM, CurvatureBlock, Estimate, make_block
+from .blocks import DEFAULT_MAX_FACTOR_DIM, ConvBlock, CurvatureBlock, Estimate, make_block
 from .coverage import canonical_name, kfc_layers, uncovered_modules, unmatched_patterns
 from .diagnostics import KFCCurvatureWarning, warn
 from .factors import EstimateAccumulator, block_estimates
@@ -122,6 +122,11 @@ class KFCCurvature:
             :func:`~kfcrun.curvature.coverage.layer_matches`.
         max_factor_dim: a Kronecker factor larger than this is kept as its diagonal
             (:class:`~kfcrun.curvature.blocks.KroneckerBlock`); ``None``: no cap.
+        omega_method: how a conv layer computes ``Omega_hat`` (the same matrix either way):
+            ``"auto"`` (row-lagged products for stride-1 one-group convs, the patch GEMM
+            otherwise), ``"patch"`` or ``"lagged"`` (see
+            :class:`~kfcrun.curvature.blocks.ConvBlock`); a mapping ``{layer name: method}``
+            chooses per layer (unlisted layers: ``"auto"``).
 
     Attributes:
         blocks: ``name -> block`` for every covered module, in ``named_modules`` order.
@@ -142,6 +147,7 @@ class KFCCurvature:
         likelihood: Likelihood | str = "cross_entropy",
         skip_layers: Sequence[str] = (),
         max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
+        omega_method: str | Mapping[str, str] = "auto",
     ) -> None:
         if not 0.0 <= stat_decay < 1.0:
             raise ValueError(f"stat_decay must be in [0, 1), got {stat_decay}")
@@ -160,6 +166,8 @@ class KFCCurvature:
         if unknown:
             raise ValueError(f"kfc: skip_layers entries {unknown} name no module of the model")
         self.likelihood: Likelihood = make_likelihood(likelihood)
+        layers = kfc_layers(model, skip)
+        methods = _omega_methods(omega_method, layers)
         self.blocks: dict[str, CurvatureBlock] = {
             name: make_block(
                 name,
@@ -167,9 +175,13 @@ class KFCCurvature:
                 damping_mode=self.damping_mode,
                 omega_model=omega_model,
                 max_factor_dim=max_factor_dim,
+                omega_method=methods.get(name, "auto"),
             )
-            for name, m in kfc_layers(model, skip).items()
+            for name, m in layers.items()
         }
+        for block in self.blocks.values():
+            if isinstance(block, ConvBlock):
+                block.uses_lagged_omega()  # a bad or inapplicable omega_method fails here, not mid-run
         self.uncovered = uncovered_modules(model, skip)
         if self.uncovered:
             types = {canonical_name(n): type(m).__name__ for n, m in model.named_modules()}
@@ -385,6 +397,16 @@ class KFCCurvature:
         self.num_init_batches = int(state_dict["num_init_batches"])
         self.num_ema_updates = int(state_dict["num_ema_updates"])
         self.num_inverse_updates = int(state_dict["num_inverse_updates"])
+
+
+def _omega_methods(omega_method: str | Mapping[str, str], layers: Mapping[str, nn.Module]) -> dict[str, str]:
+    """``{layer name: omega_method}`` from one method for all layers or a per-layer mapping."""
+    if isinstance(omega_method, str):
+        return dict.fromkeys(layers, omega_method)
+    unknown = sorted(set(omega_method) - set(layers))
+    if unknown:
+        raise ValueError(f"kfc: omega_method names layers {unknown} that have no curvature block")
+    return dict(omega_method)
 
 
 def _read_flags(flags: list[Tensor]) -> list[list[bool]]:
