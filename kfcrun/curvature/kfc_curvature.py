@@ -41,9 +41,10 @@ and solved with ``precondition(grads, index=i)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,9 +52,11 @@ import torch
 from torch import Tensor, nn
 
 from .blocks import DEFAULT_MAX_FACTOR_DIM, ConvBlock, CurvatureBlock, Estimate, make_block
+from .capture import ActivationCapture
 from .coverage import canonical_name, kfc_layers, uncovered_modules, unmatched_patterns
+from .derivatives import LayerPass
 from .diagnostics import KFCCurvatureWarning, warn
-from .factors import EstimateAccumulator, block_estimates
+from .factors import EstimateAccumulator, block_estimates, pass_estimates
 from .fisher import make_loss_fn
 from .likelihoods import Likelihood, make_likelihood
 from .vocabulary import DampingMode, FisherType, OmegaModel
@@ -251,6 +254,65 @@ class KFCCurvature:
             self.fisher_type, targets=targets, generator=generator, likelihood=self.likelihood
         )
         return block_estimates(self.model, inputs, loss_fn, self.blocks, chunk_size=self.chunk_size)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[LayerPass]:
+        """Record the covered layers' inputs and outputs during the caller's own forward pass.
+
+        For statistics from the training pass (issue 13)::
+
+            with curvature.recording() as layer_pass:
+                logits = model(x)
+            estimates = curvature.estimate_from_pass(layer_pass, logits)  # before the training backward
+            F.cross_entropy(logits, y).backward()
+
+        Unlike :meth:`estimate_statistics` this adds no forward pass: the activations are
+        the training forward's, with whatever it changed (BatchNorm running statistics,
+        dropout masks) changed once, as training does. The hooks exist only inside the
+        block; each covered layer's output is passed on as a copy (as in every recorded pass).
+        """
+        capture = ActivationCapture({name: block.module for name, block in self.blocks.items()})
+        with capture.recording() as records:
+            layer_pass = LayerPass(None, records)
+            yield layer_pass
+        layer_pass.names = [name for name in self.blocks if name in records]
+
+    def estimate_from_pass(
+        self,
+        layer_pass: LayerPass,
+        output: Tensor,
+        targets: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        examples: int | None = None,
+    ) -> dict[str, Estimate]:
+        """Estimates (Eqn 32) from a forward recorded by :meth:`recording`, keeping its graph.
+
+        ``output`` is that forward's model output. Targets as in :meth:`estimate_statistics`;
+        the derivatives ``DS`` come from ONE extra backward of the sampled loss through
+        the same graph (``retain_graph=True``, so the caller's training backward still
+        works afterwards; no ``.grad`` is touched). ``examples=n`` estimates from the first
+        ``n`` examples only (their loss alone is differentiated, and the Omega pass sees
+        only their inputs): the same estimate as a separate pass on ``x[:n]`` for a network
+        whose examples do not interact (no BatchNorm in train mode).
+        """
+        if examples is not None and examples < 1:
+            raise ValueError(f"examples must be >= 1 or None, got {examples}")
+        if not layer_pass.names:
+            raise RuntimeError("kfc: estimate_from_pass() needs a forward pass run inside recording()")
+        sub_output = output if examples is None else output[:examples]
+        sub_targets = targets if targets is None or examples is None else targets[:examples]
+        loss_fn = make_loss_fn(
+            self.fisher_type, targets=sub_targets, generator=generator, likelihood=self.likelihood
+        )
+        return pass_estimates(
+            layer_pass,
+            loss_fn(sub_output),
+            self.blocks,
+            chunk_size=self.chunk_size,
+            keep_graph=True,
+            examples=examples,
+        )
 
     def fold_statistics(self, estimates: Mapping[str, Sequence[Tensor]], *, init: bool = False) -> Tensor:
         """Fold batch estimates into the running factors; returns the non-finite count (0-d tensor).

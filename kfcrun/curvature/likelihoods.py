@@ -44,6 +44,7 @@ __all__ = [
     "Gaussian",
     "Likelihood",
     "SoftmaxCrossEntropy",
+    "inverse_cdf_sample",
     "make_likelihood",
 ]
 
@@ -51,6 +52,19 @@ __all__ = [
 def _float(t: Tensor) -> Tensor:
     """At least float32, so that probabilities and sums over many positions do not lose precision."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def inverse_cdf_sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per row of ``probs`` ``(rows, C)`` (nonnegative, any positive row sum): int64 ``(rows,)``.
+
+    ``cdf = cumsum(probs)``; with ``u ~ U[0, 1)`` the draw is the first ``c`` with
+    ``cdf_c > u cdf_C``, i.e. ``P(y = c) = p_c / sum(p)``. Clamped to ``C - 1`` against
+    rounding at the top. Device-side only: no host synchronization.
+    """
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
+    draws = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).squeeze(1)
+    return draws.clamp_(max=probs.shape[-1] - 1)
 
 
 class Likelihood(ABC):
@@ -161,9 +175,15 @@ class SoftmaxCrossEntropy(Likelihood):
     def sample(
         self, output: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
     ) -> Tensor:
-        """``y ~ Categorical(softmax(output))`` per position (int64), ``ignore_index`` where masked."""
+        """``y ~ Categorical(softmax(output))`` per position (int64), ``ignore_index`` where masked.
+
+        Inverse-CDF sampling: one uniform ``u`` per row and ``y = #{c : cdf_c <= u cdf_C}``
+        (``searchsorted``), so ``P(y = c) = p_c``. Unlike ``torch.multinomial`` this never
+        reads a value back to the host, so a CUDA step does not wait on it (tested under
+        ``torch.cuda.set_sync_debug_mode("error")``).
+        """
         probs = torch.softmax(_float(self._rows(output.detach())), dim=-1)
-        draws = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        draws = inverse_cdf_sample(probs, generator)
         mask = self._mask(output, labels)
         if mask is not None:
             draws = torch.where(mask, draws, torch.full_like(draws, self.ignore_index))  # type: ignore[arg-type]
