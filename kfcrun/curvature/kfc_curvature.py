@@ -42,9 +42,11 @@ and solved with ``precondition(grads, index=i)``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,6 +202,9 @@ class KFCCurvature:
         self.num_ema_updates = 0  # Eqn 33 updates since the initialisation
         self.num_inverse_updates = 0
         self._warned_unused: set[str] = set()
+        # start_inverses(): (future, {name: (inverse copy, factors)}, CUDA side stream or None)
+        self._inverse_job: tuple[Future[InverseUpdate], dict[str, tuple[Any, Estimate]], Any] | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def has_statistics(self) -> bool:
@@ -367,20 +372,12 @@ class KFCCurvature:
             return {n: float(weight_decay.get(n, 0.0)) for n in self.blocks}
         return dict.fromkeys(self.blocks, float(weight_decay))
 
-    def update_inverses(
+    def _damping_totals(
         self, damping: float | Sequence[float], weight_decay: Mapping[str, float] | float
-    ) -> InverseUpdate:
-        """Refit every block's damped inverse from the current factors.
-
-        ``damping`` is ``γ``, or several values to fit at once (candidate ``i`` is
-        solved by ``precondition(..., index=i)``); ``weight_decay`` is ``lam``, one float
-        for all blocks or a ``{name: lam}`` dict (blocks it leaves out get 0, e.g. the
-        normalization layers, which carry no weight decay). Reads every block's success
-        flags in one host sync, then finishes each fit.
-        """
+    ) -> dict[str, list[float]]:
+        """``{name: [λ + γ_i]}``, checked (finite, >= 0, > 0 where the damping mode needs it)."""
         if not self.has_statistics and any(b.factors() is None for b in self.blocks.values()):
             raise RuntimeError("KFCCurvature.update_inverses() called before any update_statistics()")
-        start = time.perf_counter()
         dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(d) for d in damping]
         lams = self._weight_decays(weight_decay)
         totals = {name: [lams[name] + g for g in dampings] for name in self.blocks}
@@ -396,6 +393,21 @@ class KFCCurvature:
                         f"damping_mode={self.damping_mode.value!r} needs weight decay + damping (λ + γ) > 0, "
                         f"got {total} for layer {name!r}"
                     )
+        return totals
+
+    def update_inverses(
+        self, damping: float | Sequence[float], weight_decay: Mapping[str, float] | float
+    ) -> InverseUpdate:
+        """Refit every block's damped inverse from the current factors.
+
+        ``damping`` is ``γ``, or several values to fit at once (candidate ``i`` is
+        solved by ``precondition(..., index=i)``); ``weight_decay`` is ``lam``, one float
+        for all blocks or a ``{name: lam}`` dict (blocks it leaves out get 0, e.g. the
+        normalization layers, which carry no weight decay). Reads every block's success
+        flags in one host sync, then finishes each fit.
+        """
+        start = time.perf_counter()
+        totals = self._damping_totals(damping, weight_decay)
         pending = {
             name: block.prepare_inverse(totals[name], self.inverse_dtype)
             for name, block in self.blocks.items()
@@ -408,6 +420,76 @@ class KFCCurvature:
             result.summaries[name] = block.inverse.summary()
         self.num_inverse_updates += 1
         result.seconds = time.perf_counter() - start
+        return result
+
+    def start_inverses(
+        self, damping: float | Sequence[float], weight_decay: Mapping[str, float] | float
+    ) -> None:
+        """Begin :meth:`update_inverses` in the background; :meth:`finish_inverses` installs the result.
+
+        The fit runs on a worker thread (on CUDA: on a side stream, so the training
+        stream never waits on it) from the factors as they are NOW: the factor tensors are
+        rebound, never written in place, by later statistics updates, so the job's
+        snapshot is just their references. Until :meth:`finish_inverses`, :meth:`precondition`
+        keeps using the previous inverses (each block's inverse object is copied for the
+        job and swapped in at the end). Calling :meth:`finish_inverses` right after this is
+        exactly :meth:`update_inverses` (same numbers); an optimizer that calls it at the
+        next inverse period gets inverses one period stale, the bounded staleness of
+        issue 13. A pending job is not part of :meth:`state_dict`: finish it before saving
+        for a bitwise resume.
+        """
+        if self._inverse_job is not None:
+            raise RuntimeError("kfc: start_inverses() while a fit is pending; call finish_inverses() first")
+        totals = self._damping_totals(damping, weight_decay)
+        work = {
+            name: (copy.copy(block.inverse), block.factors_or_zero()) for name, block in self.blocks.items()
+        }
+        device = next(iter(self.blocks.values())).params[0].device if self.blocks else torch.device("cpu")
+        stream = None
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # the factors are complete
+        inverse_dtype = self.inverse_dtype
+
+        def fit() -> InverseUpdate:
+            begin = time.perf_counter()
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                pending = [
+                    inv.prepare(factors, totals[name], inverse_dtype) for name, (inv, factors) in work.items()
+                ]
+                flags = _read_flags(pending)  # syncs this thread (and side stream) only
+            result = InverseUpdate()
+            for (name, (inv, _)), block_flags in zip(work.items(), flags, strict=True):
+                result.nonfinite += int(not block_flags[0])
+                inv.commit(block_flags)
+                result.summaries[name] = inv.summary()
+            result.seconds = time.perf_counter() - begin
+            return result
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfc-inverses")
+        self._inverse_job = (self._executor.submit(fit), work, stream)
+
+    @property
+    def inverses_pending(self) -> bool:
+        """Whether a :meth:`start_inverses` job has not been installed yet."""
+        return self._inverse_job is not None
+
+    def finish_inverses(self) -> InverseUpdate | None:
+        """Wait for the :meth:`start_inverses` job and install its inverses (``None`` if none pending).
+
+        Errors of the job (e.g. a failed decomposition) are raised here.
+        """
+        if self._inverse_job is None:
+            return None
+        future, work, stream = self._inverse_job
+        self._inverse_job = None
+        result = future.result()
+        if stream is not None:
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
+        for name, (inverse, _) in work.items():
+            self.blocks[name].inverse = inverse
+        self.num_inverse_updates += 1
         return result
 
     # -- preconditioning ----------------------------------------------------------------------
