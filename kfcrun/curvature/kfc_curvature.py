@@ -513,8 +513,12 @@ class KFCCurvature:
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Factors, inverse-side state and counters (tensors cloned; loads back bitwise)."""
-        return {
+        """Factors, inverse-side state and counters (tensors cloned; loads back bitwise).
+
+        A :meth:`start_inverses` job still pending is waited for (not installed) and saved
+        as ``pending_inverses``, so that a resumed run installs it at the same step.
+        """
+        state = {
             "format": _STATE_FORMAT,
             "damping_mode": self.damping_mode.value,
             "fisher_type": self.fisher_type.value,
@@ -523,6 +527,11 @@ class KFCCurvature:
             "num_inverse_updates": self.num_inverse_updates,
             "layers": {name: block.state_dict() for name, block in self.blocks.items()},
         }
+        if self._inverse_job is not None:
+            future, work, _ = self._inverse_job
+            future.result()
+            state["pending_inverses"] = {name: inverse.state_dict() for name, (inverse, _) in work.items()}
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`. Layer names and ``damping_mode`` must match this object."""
@@ -538,6 +547,17 @@ class KFCCurvature:
             raise ValueError(f"kfc: state has layers {list(layers)}, the model has {list(self.blocks)}")
         for name, block in self.blocks.items():
             block.load_state_dict(layers[name])
+        self._inverse_job = None
+        pending = state_dict.get("pending_inverses")
+        if pending is not None:
+            work: dict[str, tuple[Any, Estimate]] = {}
+            for name, block in self.blocks.items():
+                inverse = copy.copy(block.inverse)
+                inverse.load_state_dict(pending[name], block.params[0].device)
+                work[name] = (inverse, ())
+            done: Future[InverseUpdate] = Future()
+            done.set_result(InverseUpdate())
+            self._inverse_job = (done, work, None)
         self.num_init_batches = int(state_dict["num_init_batches"])
         self.num_ema_updates = int(state_dict["num_ema_updates"])
         self.num_inverse_updates = int(state_dict["num_inverse_updates"])

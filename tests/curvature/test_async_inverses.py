@@ -68,3 +68,24 @@ def test_pending_fit_uses_its_snapshot_and_keeps_the_old_inverse() -> None:
     for name in after:
         assert_close(after[name], expected[name], atol=0.0, what=f"{name}: fit from the snapshot")
     assert curvature.finish_inverses() is None
+
+
+def test_pending_fit_survives_a_checkpoint() -> None:
+    """state_dict() saves a pending fit; after loading, finish_inverses() installs the same inverse."""
+    _, curvature, _ = _setup("pi")
+    _, restored, _ = _setup("pi")
+    curvature.update_inverses(1e-2, 0.0)
+    curvature.start_inverses(1.0, 0.0)
+    state = curvature.state_dict()
+    assert "pending_inverses" in state and curvature.inverses_pending
+    restored.load_state_dict(state)
+    assert restored.inverses_pending
+    grads = _grads(curvature)
+    old_a, old_b = curvature.precondition(grads), restored.precondition(grads)
+    curvature.finish_inverses()
+    restored.finish_inverses()
+    new_a, new_b = curvature.precondition(grads), restored.precondition(grads)
+    for name in grads:
+        assert torch.equal(old_a[name], old_b[name]) and torch.equal(new_a[name], new_b[name]), name
+        assert not torch.equal(old_a[name], new_a[name]), f"{name}: the pending fit must change the inverse"
+    assert restored.num_inverse_updates == curvature.num_inverse_updates
