@@ -32,7 +32,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -391,7 +391,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(inputs), labels)
         loss.backward()
-        self.optimizer.step(inputs=inputs, targets=labels if self.optimizer.needs_labels else None)
+        closure = _loss_closure(self.model, inputs, labels) if self.optimizer.needs_closure else None
+        self.optimizer.step(closure, inputs=inputs, targets=labels if self.optimizer.needs_labels else None)
         if self.cfg.model.max_norm is not None:
             apply_max_norm(self.model, self.cfg.model.max_norm)
         self.clock.stop()
@@ -558,6 +559,13 @@ def train(cfg: DictConfig, run_dir: str | Path, resume_overrides: Sequence[str] 
         row = trainer.fit()
     print(trainer.summary_line(), flush=True)
     return row
+
+
+def _loss_closure(
+    model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], torch.Tensor]:
+    """The mini-batch's mean loss at the model's current parameters (K-FAC evaluates it after its update)."""
+    return lambda: F.cross_entropy(model(inputs), labels)
 
 
 def _where(last_checkpoint: tuple[int, Path] | None) -> str:

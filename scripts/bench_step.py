@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Step-time benchmark: SGD vs KFC-pre on a CIFAR-10 network (the paper's cuda-convnet, or ResNet-18).
+"""Step-time benchmark: SGD vs KFC-pre vs K-FAC on a CIFAR-10 network (cuda-convnet or ResNet-18).
 
-For each batch size, in the same process and on the same device:
+For each batch size, in the same run and on the same device (each method in a fresh process):
 
 * the median time of an SGD step (forward, backward, update, averaging);
 * KFC-pre at the configured ``T_s``/``T_f`` (defaults: those of the model's KFC experiment,
@@ -9,7 +9,11 @@ For each batch size, in the same process and on the same device:
   the median step, the AMORTIZED step (mean over whole ``lcm(T_s, T_f)`` cycles, which
   is what an epoch costs), and the seconds per step spent in each phase (statistics,
   inverses, preconditioning, ``nu``);
-* the ratio KFC-pre / SGD, and peak memory (CUDA: peak allocated; CPU: the growth of
+* K-FAC with the settings of ``experiment=cifar10_kfac`` (``--no-kfac`` skips it): the same
+  over whole ``lcm(T_s, T_f, T_1, T_2)`` cycles, with its phases (statistics, inverses,
+  preconditioning, the quadratic model's exact-Fisher Gram matrix, ``rho``'s two forward
+  passes); its step includes the loss closure the runner passes;
+* the ratios to SGD, and peak memory (CUDA: peak allocated; CPU: the growth of
   the process's peak resident set over the model-only baseline, measured in a fresh
   subprocess per configuration).
 
@@ -43,25 +47,29 @@ from omegaconf import DictConfig
 
 from kfcrun.builders import build_model, build_optimizer
 from kfcrun.cli import compose_run_config
-from kfcrun.optim import KFCPre
+from kfcrun.optim.kfc_base import KFCOptimizerBase
 
-PHASES = ("statistics", "inverses", "precondition", "nu")
 #: KFC-pre settings that set its cost (App. A.3), overridable from the command line.
 KFC_KNOBS = ("stats_every", "inverse_every", "stats_fraction", "nu_fraction", "clip")
-#: model -> (SGD experiment, KFC-pre experiment) whose settings are benchmarked.
+#: model -> the experiment whose settings each method is benchmarked with.
 EXPERIMENTS = {
-    "cuda_convnet": ("cifar10_sgd", "cifar10_kfc"),
-    "resnet18": ("cifar10_resnet18_sgd", "cifar10_resnet18_kfc"),
+    "cuda_convnet": {"sgd": "cifar10_sgd", "kfc_pre": "cifar10_kfc", "kfac": "cifar10_kfac"},
+    "resnet18": {
+        "sgd": "cifar10_resnet18_sgd",
+        "kfc_pre": "cifar10_resnet18_kfc",
+        "kfac": "cifar10_resnet18_kfac",
+    },
 }
 #: Std of the preprocessed pixels each model's experiments feed it.
 INPUT_STD = {"cuda_convnet": 60.0, "resnet18": 1.0}
+#: Columns of the printed table, per method.
+LABELS = {"sgd": "SGD", "kfc_pre": "KFC-pre", "kfac": "K-FAC"}
 
 
 def run_config(optimizer: str, batch: int, opts: dict[str, Any]) -> DictConfig:
-    """The model's experiment (SGD or KFC-pre) at this batch size, with the cost knobs."""
-    sgd_experiment, kfc_experiment = EXPERIMENTS[opts["model"]]
+    """The model's experiment for ``optimizer`` (SGD, KFC-pre, K-FAC) at this batch size, with cost knobs."""
     overrides = [
-        f"experiment={sgd_experiment if optimizer == 'sgd' else kfc_experiment}",
+        f"experiment={EXPERIMENTS[opts['model']][optimizer]}",
         f"trainer.batch_size={batch}",
     ]
     if optimizer == "kfc_pre":
@@ -95,7 +103,7 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     opt = build_optimizer(cfg.optimizer, model, batch)
-    if isinstance(opt, KFCPre):
+    if isinstance(opt, KFCOptimizerBase):
         opt.initialize([data[0][0]])
 
     def step(i: int) -> float:
@@ -104,13 +112,14 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
-        opt.step()
+        closure = (lambda: F.cross_entropy(model(x), y)) if opt.needs_closure else None
+        opt.step(closure, inputs=x)
         synchronize(device)
         return time.perf_counter() - start
 
     for i in range(warmup):
         step(i)
-    phases_before = dict(opt.phase_times) if isinstance(opt, KFCPre) else {}
+    phases_before = dict(opt.phase_times)
     times = [step(warmup + i) for i in range(iters)]
     result = {
         "optimizer": name,
@@ -119,11 +128,12 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
         "median_s": statistics.median(times),
         "mean_s": statistics.fmean(times),
     }
-    if isinstance(opt, KFCPre):
+    if isinstance(opt, KFCOptimizerBase):
         after = opt.phase_times
-        for phase in PHASES:
-            key = f"kfc_{phase}_s"
-            result[f"{phase}_s_per_step"] = (after[key] - phases_before.get(key, 0.0)) / iters
+        result["phases"] = {
+            key.removeprefix("kfc_").removesuffix("_s"): (after[key] - phases_before.get(key, 0.0)) / iters
+            for key in after
+        }
     if device.type == "cuda":
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:  # ru_maxrss is in KiB on Linux
@@ -145,15 +155,25 @@ def run_isolated(*args: Any) -> dict:
     return result
 
 
+def kfac_cycle(batch: int, opts: dict[str, Any]) -> int:
+    """Iterations after which every periodic part of K-FAC's step has run: ``lcm(T_s, T_f, T_1, T_2)``."""
+    cfg = run_config("kfac", batch, opts).optimizer
+    periods = [cfg.stats_every, cfg.inverse_every, cfg.lambda_every or 1, cfg.gamma_every or 1]
+    return math.lcm(*periods)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=sorted(EXPERIMENTS), default="cuda_convnet")
     known, _ = parser.parse_known_args()
-    defaults = compose_run_config([f"experiment={EXPERIMENTS[known.model][1]}"]).optimizer
+    defaults = compose_run_config([f"experiment={EXPERIMENTS[known.model]['kfc_pre']}"]).optimizer
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--cycles", type=int, default=2, help="whole lcm(T_s, T_f) cycles to time for KFC-pre"
+        "--cycles",
+        type=int,
+        default=2,
+        help="whole cycles of periodic updates to time (KFC-pre, K-FAC)",
     )
     parser.add_argument("--sgd-iters", type=int, default=20)
     parser.add_argument("--stats-every", type=int, default=defaults["stats_every"])
@@ -161,6 +181,7 @@ def main() -> None:
     parser.add_argument("--stats-fraction", type=float, default=defaults["stats_fraction"])
     parser.add_argument("--nu-fraction", type=float, default=defaults["nu_fraction"])
     parser.add_argument("--no-clip", action="store_true", help="disable clipping (and so nu)")
+    parser.add_argument("--no-kfac", action="store_true", help="time SGD and KFC-pre only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_step.json"))
     args = parser.parse_args()
@@ -180,15 +201,23 @@ def main() -> None:
         sgd = run_isolated("sgd", batch, args.device, opts, args.sgd_iters, 3)
         # warm up for one full cycle so every phase has run once before timing
         kfc = run_isolated("kfc_pre", batch, args.device, opts, cycle * args.cycles, cycle)
-        rows.append(
-            {
-                "batch_size": batch,
-                "sgd": sgd,
-                "kfc_pre": kfc,
-                "ratio_median": kfc["median_s"] / sgd["median_s"],
-                "ratio_amortized": kfc["mean_s"] / sgd["median_s"],
+        row = {
+            "batch_size": batch,
+            "sgd": sgd,
+            "kfc_pre": kfc,
+            "ratio_median": kfc["median_s"] / sgd["median_s"],
+            "ratio_amortized": kfc["mean_s"] / sgd["median_s"],
+        }
+        if not args.no_kfac:
+            kfac_period = kfac_cycle(batch, opts)
+            kfac = run_isolated("kfac", batch, args.device, opts, kfac_period * args.cycles, kfac_period)
+            row |= {
+                "kfac": kfac,
+                "kfac_ratio_median": kfac["median_s"] / sgd["median_s"],
+                "kfac_ratio_amortized": kfac["mean_s"] / sgd["median_s"],
+                "kfac_vs_kfc_pre_amortized": kfac["mean_s"] / kfc["mean_s"],
             }
-        )
+        rows.append(row)
 
     device_desc = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
@@ -196,26 +225,38 @@ def main() -> None:
     print(
         f"device: {args.device} ({device_desc}), torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
-    print(f"model: {args.model} (experiments {' and '.join(EXPERIMENTS[args.model])})")
+    print(f"model: {args.model} (experiments {', '.join(EXPERIMENTS[args.model].values())})")
     print(
         f"KFC-pre: T_s={args.stats_every} T_f={args.inverse_every} stats_fraction={args.stats_fraction} "
         f"nu_fraction={args.nu_fraction} clip={opts['clip']}"
     )
+    if not args.no_kfac:
+        k = run_config("kfac", args.batch_sizes[0], opts).optimizer
+        print(
+            f"K-FAC: T_s={k.stats_every} T_f={k.inverse_every} T_1={k.lambda_every} T_2={k.gamma_every} "
+            f"stats_fraction={k.stats_fraction} damping_mode={k.damping_mode} "
+            f"(experiment={EXPERIMENTS[args.model]['kfac']})"
+        )
     header = (
-        f"{'batch':>5} {'SGD ms':>8} {'KFC med ms':>10} {'KFC amort ms':>12} {'ratio':>6} "
-        f"{'stats':>7} {'inv':>7} {'precond':>7} {'nu':>7} {'SGD MB':>7} {'KFC MB':>7}"
+        f"{'batch':>5} {'method':>8} {'median ms':>10} {'amort. ms':>10} {'x SGD':>6} {'MB':>6}  "
+        "phases (ms per step)"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
-        sgd, kfc = row["sgd"], row["kfc_pre"]
-        phases = " ".join(f"{1000 * kfc[f'{p}_s_per_step']:7.1f}" for p in PHASES)
-        print(
-            f"{row['batch_size']:>5} {1000 * sgd['median_s']:8.1f} {1000 * kfc['median_s']:10.1f} "
-            f"{1000 * kfc['mean_s']:12.1f} {row['ratio_amortized']:6.2f} {phases} "
-            f"{sgd['peak_memory_mb']:7.0f} {kfc['peak_memory_mb']:7.0f}"
-        )
-    print("phase columns: ms per step, amortized over the timed cycles; ratio = KFC amortized / SGD median")
+        sgd_median = row["sgd"]["median_s"]
+        for method in ("sgd", "kfc_pre", "kfac"):
+            if method not in row:
+                continue
+            res = row[method]
+            amortized = res["mean_s"] if method != "sgd" else res["median_s"]
+            phases = " ".join(f"{name}={1000 * sec:.1f}" for name, sec in res.get("phases", {}).items())
+            print(
+                f"{row['batch_size']:>5} {LABELS[method]:>8} {1000 * res['median_s']:10.1f} "
+                f"{1000 * amortized:10.1f} {amortized / sgd_median:6.2f} "
+                f"{res['peak_memory_mb']:6.0f}  {phases}"
+            )
+    print("amortized = mean over whole cycles of the periodic updates; x SGD = amortized / SGD median")
 
     payload = {
         "device": args.device,

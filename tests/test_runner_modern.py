@@ -115,6 +115,13 @@ def test_schedule_is_refused_for_an_optimizer_that_adapts_its_step(
         train_module.train(config(cache_dir, "trainer.lr_schedule=step"), tmp_path)
 
 
+def test_schedule_is_refused_for_kfac_in_one_line(tmp_path: Path, cache_dir: Path):
+    """K-FAC chooses alpha every step (App. A.2): a schedule would scale nothing, so it is refused."""
+    with pytest.raises(ConfigError, match=r"trainer\.lr_schedule=cosine but optimizer kfac adapts") as err:
+        train_module.train(config(cache_dir, "optimizer=kfac", "trainer.lr_schedule=cosine"), tmp_path)
+    assert "\n" not in str(err.value) and "fix: trainer.lr_schedule=constant" in str(err.value)
+
+
 # -- budgets and evaluation subsets ---------------------------------------------------------------------
 def test_time_budget_stops_and_evaluates_the_last_iteration(tmp_path: Path, cache_dir: Path, monkeypatch):
     real_step = train_module.Trainer.train_step
@@ -173,16 +180,18 @@ def test_unknown_torchvision_arch_is_refused_in_one_line(cache_dir: Path) -> Non
 
 
 def test_resnet18_experiments_run_when_shrunk(tmp_path: Path, cache_dir: Path) -> None:
-    """cifar10_resnet18_{sgd,kfc} end to end on generated data, with a narrow network (full width is slow)."""
+    """cifar10_resnet18_{sgd,kfc,kfac} end to end on generated data, narrow (full width is slow)."""
     for name, extra in (
         ("cifar10_resnet18_sgd", []),
         ("cifar10_resnet18_kfc", ["optimizer.init_examples=32"]),
+        ("cifar10_resnet18_kfac", ["optimizer.init_examples=32"]),
     ):
         cfg = _compose(
             [f"experiment={name}", "+debug=fast", "model.width=4", f"dataset.cache_dir={cache_dir}", *extra]
         )
         _validate(cfg)
         plain = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg).items() if k != "hydra"})
-        assert plain.dataset.augment and plain.trainer.lr_schedule == "cosine"
+        schedule = "constant" if name.endswith("kfac") else "cosine"  # K-FAC adapts alpha: no schedule
+        assert plain.dataset.augment and plain.trainer.lr_schedule == schedule
         row = train_module.train(plain, tmp_path / name)
         assert row["iter"] == 3 and math.isfinite(row["train/nll"])

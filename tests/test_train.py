@@ -102,11 +102,24 @@ KFC_SMOKE = [
     "optimizer.stats_every=2",
     "optimizer.inverse_every=4",
 ]
+#: K-FAC (EMA warm-up on, as by default, and the staleness guard on rho): lambda every 3, gamma
+#: and the inverses every 15 iterations, so that the checkpoints (every 10) fall between them.
+#: Few inverse updates: an eigendecomposition of the 801 x 801 factors costs seconds on a CPU.
+KFAC_SMOKE = [
+    "optimizer=kfac",
+    "optimizer.init_examples=128",
+    "optimizer.stats_every=5",
+    "optimizer.inverse_every=15",
+    "optimizer.refresh_until=0",
+    "optimizer.lambda_every=3",
+    "optimizer.gamma_every=15",
+    "optimizer.guard_rho=0.0",
+]
 
 
-@pytest.mark.parametrize("optimizer", [[], KFC_SMOKE], ids=["sgd", "kfc_pre"])
+@pytest.mark.parametrize("optimizer", [[], KFC_SMOKE, KFAC_SMOKE], ids=["sgd", "kfc_pre", "kfac"])
 def test_killed_run_resumes_bitwise(tmp_path: Path, cache_dir: Path, optimizer: list[str]):
-    """For KFC-pre the checkpoints (every 10) fall between inverse updates (every 4)."""
+    """For KFC-pre and K-FAC the checkpoints (every 10) fall between inverse updates (every 4)."""
     args = [
         "experiment=smoke",
         "trainer.max_iters=40",
@@ -143,8 +156,12 @@ def test_killed_run_resumes_bitwise(tmp_path: Path, cache_dir: Path, optimizer: 
         assert torch.equal(tensor, final_res["model"][name]), f"parameter {name} differs after resume"
     if optimizer:
         for name, block in final_ref["optimizer"]["curvature"]["layers"].items():
-            for key in ("omega", "gamma", "omega_inv", "gamma_inv"):
-                assert torch.equal(block[key], final_res["optimizer"]["curvature"]["layers"][name][key]), key
+            for key, value in block.items():
+                assert torch.equal(value, final_res["optimizer"]["curvature"]["layers"][name][key]), key
+    if optimizer == KFAC_SMOKE:  # the adapted lambda, gamma and rho, and the guard
+        assert final_ref["optimizer"]["kfac"] == final_res["optimizer"]["kfac"]
+        guards = [state["optimizer"]["staleness_guard"] for state in (final_ref, final_res)]
+        assert guards[0]["refreshes"] == guards[1]["refreshes"]
     for index, state in final_ref["optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(value, final_res["optimizer"]["state"][index][key]), (

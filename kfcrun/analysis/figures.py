@@ -165,7 +165,7 @@ def default_stem(runs: Sequence[Run]) -> str:
     """File name stem from the experiment families: ``cifar10_sgd`` + ``cifar10_kfc`` -> ``cifar10``."""
     families: list[str] = []
     for run in runs:
-        tokens = [t for t in run.name.split("_") if t not in ("sgd", "kfc")]
+        tokens = [t for t in run.name.split("_") if t not in ("sgd", "kfc", "kfac")]
         family = "_".join(tokens) or run.name
         if family not in families:
             families.append(family)

@@ -1,8 +1,10 @@
-"""Markdown report: how much faster KFC-pre reaches given errors than SGD (paper Sec. 5.2-5.3).
+"""Markdown report: how much faster KFC-pre and K-FAC reach given errors than SGD (paper Sec. 5.2-5.3).
 
-Runs are paired by experiment name, swapping the ``sgd`` and ``kfc`` tokens
-(``cifar10_sgd``/``cifar10_kfc``, ``cifar10_bn_sgd``/``cifar10_bn_kfc``,
-``cifar10_bs4096_sgd``/``cifar10_bs4096_kfc``), or explicitly with ``--pair BASELINE CANDIDATE``.
+Runs are paired by experiment name through the method tokens ``sgd`` < ``kfc`` (KFC-pre) <
+``kfac`` (K-FAC): a name pairs with each name that has a LATER method token in its place, the
+earlier one being the baseline (``cifar10_sgd`` with ``cifar10_kfc`` and ``cifar10_kfac``,
+``cifar10_kfc`` with ``cifar10_kfac``; ``cifar10_bn_sgd``/``cifar10_bn_kfc``/``cifar10_bn_kfac``, ...),
+or explicitly with ``--pair BASELINE CANDIDATE``.
 Within one name, runs that differ only in ``seed`` are repetitions (reported as mean ±
 sample std over the runs); if a name has several settings (e.g. a learning-rate sweep),
 the one with the lowest mean final training error is used (the paper's protocol).
@@ -12,7 +14,7 @@ steps only, evaluation excluded) and the number of iterations at which each meth
 reaches ``error <= threshold`` (of the averaged parameters), read at the first
 EVALUATION at or below the threshold (no interpolation; see
 :func:`kfcrun.analysis.runs.first_reach`), and the speed-up = baseline / candidate
-(SGD / KFC-pre). When only one method reaches a threshold, the ratio is a bound
+(e.g. SGD / KFC-pre). When only one method reaches a threshold, the ratio is a bound
 computed from the other's total time or iterations (``>`` or ``<``).
 
 CLI (``scripts/report.py``)::
@@ -62,25 +64,32 @@ PAPER_HEADLINES = (
 
 TIME_UNITS = {"min": 60.0, "s": 1.0}
 
+#: The methods' name tokens, baselines first: SGD, KFC-pre, K-FAC.
+METHOD_TOKENS = ("sgd", "kfc", "kfac")
+
 
 # ---------------------------------------------------------------------------------------------
 # pairing
 # ---------------------------------------------------------------------------------------------
-def swap_name(name: str) -> str | None:
-    """The partner experiment name: the ``sgd`` token <-> ``kfc`` (``cifar10_bn_sgd`` -> ``cifar10_bn_kfc``).
+def partner_names(name: str) -> list[str]:
+    """The names ``name`` is the baseline for: its method token replaced by each later one.
 
-    ``None`` if the name has neither token.
+    ``cifar10_sgd`` -> ``[cifar10_kfc, cifar10_kfac]``; ``cifar10_kfc`` -> ``[cifar10_kfac]``;
+    ``cifar10_kfac`` and names without a method token -> ``[]``.
     """
     tokens = name.split("_")
-    swap = {"sgd": "kfc", "kfc": "sgd"}
-    if not any(t in swap for t in tokens):
-        return None
-    return "_".join(swap.get(t, t) for t in tokens)
+    partners = []
+    for position, token in enumerate(tokens):
+        if token not in METHOD_TOKENS:
+            continue
+        for later in METHOD_TOKENS[METHOD_TOKENS.index(token) + 1 :]:
+            partners.append("_".join([*tokens[:position], later, *tokens[position + 1 :]]))
+    return partners
 
 
 @dataclass
 class Pair:
-    """A baseline (SGD) and a candidate (KFC-pre) experiment, each a group of seed repetitions."""
+    """A baseline (e.g. SGD) and a candidate (e.g. KFC-pre) experiment, each a group of seed repetitions."""
 
     baseline_name: str
     candidate_name: str
@@ -113,9 +122,8 @@ def find_pairs(runs: Sequence[Run], explicit: Sequence[tuple[str, str]] = ()) ->
     """Pairs to report and the names left without a partner.
 
     With ``explicit`` pairs ``(baseline, candidate)`` only those are reported; otherwise
-    every name with an ``sgd`` token whose ``kfc`` partner is also present forms a pair
-    (baseline = the ``sgd`` one). Raises :class:`AnalysisError` for an unknown name in
-    ``explicit`` or when no pair can be formed.
+    every name pairs with each of its :func:`partner_names` that is present (baseline first).
+    Raises :class:`AnalysisError` for an unknown name in ``explicit`` or when no pair can be formed.
     """
     by_name = group_by_name(runs)
     if explicit:
@@ -129,15 +137,12 @@ def find_pairs(runs: Sequence[Run], explicit: Sequence[tuple[str, str]] = ()) ->
             if name not in by_name:
                 raise AnalysisError(f"unknown run name {name!r} in --pair; known names: {', '.join(by_name)}")
     else:
-        names = []
-        for name in by_name:
-            partner = swap_name(name)
-            if "sgd" in name.split("_") and partner in by_name:
-                names.append((name, partner))
+        names = [(name, partner) for name in by_name for partner in partner_names(name) if partner in by_name]
         if not names:
             raise AnalysisError(
-                f"no SGD/KFC-pre pairs found among the names {', '.join(by_name)} (names pair by swapping "
-                "_sgd and _kfc, e.g. cifar10_sgd/cifar10_kfc); pass --pair BASELINE CANDIDATE"
+                f"no SGD/KFC-pre/K-FAC pairs found among the names {', '.join(by_name)} (names pair by "
+                "their method token _sgd, _kfc or _kfac, e.g. cifar10_sgd/cifar10_kfc); "
+                "pass --pair BASELINE CANDIDATE"
             )
     pairs = []
     for a, b in names:
@@ -185,7 +190,7 @@ def format_percent(summary: Summary) -> str:
 
 
 def speedup(base: Summary, cand: Summary, base_total: float, cand_total: float) -> str:
-    """``base / cand`` (SGD / KFC-pre) of the mean times (or iterations) to reach a threshold.
+    """``base / cand`` (e.g. SGD / KFC-pre) of the mean times (or iterations) to reach a threshold.
 
     If only the candidate reached it in every run, the baseline took longer than its
     whole budget ``base_total``, so the ratio is ``> base_total / cand``; if only the
@@ -297,7 +302,7 @@ def final_rows(pair: Pair, time_unit: str = "min") -> tuple[list[str], list[list
             return format_summary(summarize(float(r.final_iter) for r in runs), digits=0)
         if what == "time":
             return format_summary(summarize(r.final_train_time_s for r in runs), scale, 2)
-        values = sorted({str(getattr(r, what)) for r in runs})
+        values = sorted({_shown(getattr(r, what)) for r in runs})
         return ", ".join(values)
 
     items = [
@@ -314,6 +319,11 @@ def final_rows(pair: Pair, time_unit: str = "min") -> tuple[list[str], list[list
     rows = [[label, cell(pair.baseline, key), cell(pair.candidate, key)] for label, key in items]
     rows.append(["runs", str(len(pair.baseline)), str(len(pair.candidate))])
     return headers, rows
+
+
+def _shown(value: object) -> str:
+    """A config value in the final table; a null learning rate is K-FAC's adapted one."""
+    return "adapted" if value is None else str(value)
 
 
 def thresholds_for(
@@ -336,14 +346,14 @@ def build_report(
 ) -> str:
     """The whole markdown report (see the module docstring)."""
     pairs, unpaired = find_pairs(runs, explicit_pairs)
-    out = ["# KFC-pre vs SGD: time and iterations to reach a given error", ""]
+    out = ["# SGD, KFC-pre and K-FAC: time and iterations to reach a given error", ""]
     if sources:
         out += ["Inputs: " + ", ".join(f"`{s}`" for s in sources), ""]
     out += [
         "Times are TRAINING wall-clock (`train_time_s`: training steps only, evaluation excluded). "
         "A threshold counts as reached at the first evaluation whose error (of the averaged "
-        "parameters) is at or below it, without interpolation. Speed-up = SGD / KFC-pre "
-        "(baseline / candidate); `>`/`<` are bounds from the other method's whole budget when only "
+        "parameters) is at or below it, without interpolation. Speed-up = baseline / candidate "
+        "(e.g. SGD / KFC-pre); `>`/`<` are bounds from the other method's whole budget when only "
         "one method reached the threshold. Several seeds: mean ± sample std over runs.",
         "",
         *PAPER_HEADLINES,
@@ -372,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``report.py`` (run/sweep paths, error thresholds, pairs, time unit)."""
     parser = argparse.ArgumentParser(
         prog="report.py",
-        description="Markdown report of SGD vs KFC-pre: time and iterations to reach given errors, "
+        description="Markdown report of SGD vs KFC-pre vs K-FAC: time and iterations to reach given errors, "
         "speed-ups, final errors and NLLs (reads metrics.jsonl + config.yaml).",
     )
     parser.add_argument("paths", nargs="+", type=Path, help="run directories and/or sweep directories")
@@ -388,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar=("BASELINE", "CANDIDATE"),
         default=None,
-        help="compare these experiment names (repeatable); default: pair names by swapping _sgd/_kfc",
+        help="compare these experiment names (repeatable); default: pair by the _sgd/_kfc/_kfac token",
     )
     parser.add_argument("--time-unit", choices=tuple(TIME_UNITS), default="min", help="default: min")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown to this file")

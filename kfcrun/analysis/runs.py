@@ -38,7 +38,7 @@ ERROR_FILE = "error.txt"
 MULTIRUN_FILE = "multirun.yaml"
 
 #: Display names of ``optimizer.name``.
-OPTIMIZER_LABELS = {"sgd": "SGD", "kfc_pre": "KFC-pre"}
+OPTIMIZER_LABELS = {"sgd": "SGD", "kfc_pre": "KFC-pre", "kfac": "K-FAC"}
 
 #: Config keys that do not change what a run computes (where the data lives, devices,
 #: progress bars, resuming); two runs that differ only in these and ``seed`` are
@@ -147,7 +147,7 @@ class Run:
 
     @property
     def method(self) -> str:
-        """Display name of the method: "SGD" or "KFC-pre" (+ " (SUA)") and " + BN" with batch norm."""
+        """Display name of the method: "SGD", "KFC-pre" (+ " (SUA)") or "K-FAC"; " + BN" with batch norm."""
         label = OPTIMIZER_LABELS.get(self.optimizer, self.optimizer)
         if self.optimizer == "kfc_pre" and cfg_get(self.config, "optimizer.approx") == "sua":
             label += " (SUA)"

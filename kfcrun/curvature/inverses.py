@@ -10,7 +10,9 @@ exactly. Each strategy owns the tensors of its solve and has three operations:
   ONE host sync per inverse update;
 * :meth:`DampedInverse.commit` - given the flags as Python bools, install the result,
   or take the slow robust path, or keep the previous inverse (each with one warning);
-* :meth:`DampedInverse.apply` - the solve for damping candidate ``index``.
+* :meth:`DampedInverse.apply` - the solve for damping candidate ``index``;
+* :meth:`DampedInverse.select` - keep candidate ``index`` as candidate 0 (the fit used
+  from then on), without refitting: K-FAC keeps the best of its gamma candidates.
 
 Several damping totals can be fitted from the same factors at once (K-FAC compares
 ``γ₋, γ, γ₊``): the eigen strategy decomposes once and applies any total;
@@ -116,6 +118,10 @@ class DampedInverse(ABC):
     @abstractmethod
     def apply(self, grad: Tensor, index: int = 0) -> Tensor:
         """``(damped block)^{-1} vec(grad)`` for damping candidate ``index``, in the stored dtype."""
+
+    @abstractmethod
+    def select(self, index: int) -> None:
+        """Make candidate ``index`` of the last fit candidate 0 and drop the other candidates."""
 
     @abstractmethod
     def summary(self) -> dict[str, Tensor]:
@@ -274,8 +280,9 @@ class PiCholeskyInverse(KroneckerInverse):
         self.omega_inv: Tensor | None = None
         self.gamma_inv: Tensor | None = None
         self.pi: Tensor | None = None
-        #: Candidates 1.. of the last fit: ``(Omega_d^{-1}, Gamma_d^{-1})``.
+        #: Candidates 1.. of the last fit: ``(Omega_d^{-1}, Gamma_d^{-1})``, and their totals.
         self._extra: list[tuple[Tensor, Tensor]] = []
+        self._extra_totals: list[float] = []
         self._pending: _PiPending | None = None
 
     @property
@@ -365,6 +372,20 @@ class PiCholeskyInverse(KroneckerInverse):
         assert self.omega_inv is not None and self.gamma_inv is not None
         first = (self.omega_inv, self.gamma_inv)
         self._extra = [fit if fit is not None else first for fit in fits[1:]]
+        self._extra_totals = [
+            total if fit is not None else float(self.damping_total)  # type: ignore[arg-type]
+            for total, fit in zip(pending.totals[1:], fits[1:], strict=True)
+        ]
+
+    def select(self, index: int) -> None:
+        """Make candidate ``index`` of the last fit candidate 0 (no refit); drop the others."""
+        if index:
+            self.omega_inv, self.gamma_inv = self._extra[index - 1]
+            assert self.omega_inv is not None
+            self.damping_total = torch.tensor(
+                self._extra_totals[index - 1], dtype=self.omega_inv.dtype, device=self.omega_inv.device
+            )
+        self._extra, self._extra_totals = [], []
 
     def _install_identity(self, total: float, store: torch.dtype, device: torch.device) -> None:
         # (I/sqrt(t)) ⊗ (I/sqrt(t)) = I/t: the damped curvature of a zero block.
@@ -491,6 +512,12 @@ class EigenInverse(KroneckerInverse):
             self.check_conditioning(eig[0], eig[2], total, store)
         self._extra = [torch.tensor(t, dtype=store, device=omega.device) for t in pending.totals[1:]]
 
+    def select(self, index: int) -> None:
+        """Make candidate ``index`` of the last fit candidate 0 (no refit); drop the others."""
+        if index:
+            self.damping_total = self._extra[index - 1]
+        self._extra = []
+
     def check_conditioning(self, d_omega: Tensor, d_gamma: Tensor, total: float, store: torch.dtype) -> float:
         """Warn, once per layer, if the damped block is beyond what ``store`` resolves; return ``kappa``.
 
@@ -593,6 +620,7 @@ class UnitwiseInverse(DampedInverse):
         self.units, self.dim = units, dim
         self.inverse: Tensor | None = None
         self._extra: list[Tensor] = []
+        self._extra_totals: list[Tensor | None] = []
         self._pending: _UnitPending | None = None
 
     @property
@@ -645,6 +673,17 @@ class UnitwiseInverse(DampedInverse):
             fits.append(inverse.to(store))
         assert self.inverse is not None
         self._extra = [fit if fit is not None else self.inverse for fit in fits[1:]]
+        self._extra_totals = [
+            torch.tensor(t, dtype=store, device=device) if fit is not None else self.damping_total
+            for t, fit in zip(pending.totals[1:], fits[1:], strict=True)
+        ]
+
+    def select(self, index: int) -> None:
+        """Make candidate ``index`` of the last fit candidate 0 (no refit); drop the others."""
+        if index:
+            self.inverse = self._extra[index - 1]
+            self.damping_total = self._extra_totals[index - 1]
+        self._extra, self._extra_totals = [], []
 
     def _install_identity(self, total: float, store: torch.dtype, device: torch.device) -> None:
         scale = 1.0 / total if total > 0 else 1.0

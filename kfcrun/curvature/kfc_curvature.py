@@ -36,7 +36,16 @@ Damping (``lam`` = weight decay of the layer, ``gamma`` = damping), by
   the eigendecompositions of both factors (needs ``λ + γ > 0``).
 
 Several damping values may be fitted at once (``update_inverses([g0, g1, g2], lam)``)
-and solved with ``precondition(grads, index=i)``.
+and solved with ``precondition(grads, index=i)``; :meth:`KFCCurvature.select_damping`
+then keeps candidate ``i`` as the fit used from now on (K-FAC's gamma adaptation).
+
+Statistics warm-up (``ema_warmup=True``, Martens & Grosse 2015, Sec. 5; their code
+``fade = min(1 - 1/k, 0.95)``): the ``k``-th statistics update uses
+``xi_k = min(1 - 1/k, xi)`` instead of ``xi``, so that the first estimates are averaged
+with equal weight instead of the first one keeping weight ``xi^k``. An initial estimate
+(``init=True``) over ``N`` examples counts as ``ceil(N / M)`` updates, ``M`` the
+examples of the first Eqn 33 update after it: it is worth that many mini-batches, and
+the warm-up does not throw it away.
 """
 
 from __future__ import annotations
@@ -120,6 +129,8 @@ class KFCCurvature:
             (``None``: the factors' dtype). Results are stored in the factors' dtype.
         omega_model: ``"kfc"`` or ``"sua"``: the conv Omega model (see
             :class:`~kfcrun.curvature.blocks.ConvBlock`).
+        ema_warmup: use ``xi_k = min(1 - 1/k, xi)`` for the ``k``-th statistics update
+            (see the module docstring); ``False`` is Eqn 33 with a constant ``xi``.
         likelihood: the output distribution (:mod:`kfcrun.curvature.likelihoods`): a name
             (``"cross_entropy"``, ``"gaussian"``, ``"bernoulli"``) or a
             :class:`~kfcrun.curvature.likelihoods.Likelihood`.
@@ -149,6 +160,7 @@ class KFCCurvature:
         chunk_size: int | None = None,
         inverse_dtype: torch.dtype | None = torch.float64,
         omega_model: OmegaModel | str = OmegaModel.KFC,
+        ema_warmup: bool = False,
         likelihood: Likelihood | str = "cross_entropy",
         skip_layers: Sequence[str] = (),
         max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
@@ -160,6 +172,7 @@ class KFCCurvature:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         self.model = model
         self.stat_decay = stat_decay
+        self.ema_warmup = ema_warmup
         self.damping_mode = DampingMode.parse(damping_mode, "damping_mode")
         self.fisher_type = FisherType.parse(fisher_type, "fisher_type")
         self.chunk_size = chunk_size
@@ -201,6 +214,9 @@ class KFCCurvature:
         self.num_init_batches = 0  # initialisation batches averaged into the factors
         self.num_ema_updates = 0  # Eqn 33 updates since the initialisation
         self.num_inverse_updates = 0
+        self.init_examples = 0  # examples in the running initial estimate, until the first Eqn 33 update
+        self.statistics_count = 0  # k: statistics updates the running factors stand for (the warm-up's count)
+        self.last_decay = stat_decay  # the xi of the last Eqn 33 update (xi_k with the warm-up)
         self._warned_unused: set[str] = set()
         # start_inverses(): (future, {name: (inverse copy, factors)}, CUDA side stream or None)
         self._inverse_job: tuple[Future[InverseUpdate], dict[str, tuple[Any, Estimate]], Any] | None = None
@@ -319,32 +335,58 @@ class KFCCurvature:
             examples=examples,
         )
 
-    def fold_statistics(self, estimates: Mapping[str, Sequence[Tensor]], *, init: bool = False) -> Tensor:
+    def fold_statistics(
+        self,
+        estimates: Mapping[str, Sequence[Tensor]],
+        *,
+        init: bool = False,
+        examples: int | None = None,
+    ) -> Tensor:
         """Fold batch estimates into the running factors; returns the non-finite count (0-d tensor).
 
         ``init=True`` (Algorithm 1's initialisation): consecutive ``init=True`` calls average
         their estimates with equal weight per call; the first of a run of them overwrites
-        the factors. ``init=False``: ``Omega <- xi Omega + (1-xi) Omega_hat`` (Eqn 33); the
-        very first update of a layer, init or not, sets its factors directly.
+        the factors. ``init=False``: ``Omega <- xi Omega + (1-xi) Omega_hat`` (Eqn 33), with
+        ``xi_k`` under the warm-up; the very first update of a layer, init or not, sets its
+        factors directly. ``examples``: how many examples the estimates are over (the
+        warm-up's count of the initial estimate; without it each initialisation batch
+        counts as one update).
         """
+        if init and self.num_init_batches == 0:
+            self.init_examples = 0
+        decay = self.stat_decay if init else self._next_decay(examples)
         oks: list[Tensor] = []
         for name, estimate in estimates.items():
             block = self.blocks[name]
             if init:
                 oks.append(block.accumulate_init(estimate, self.num_init_batches))
             else:
-                oks.append(block.update_ema(estimate, self.stat_decay))
+                oks.append(block.update_ema(estimate, decay))
         for name in [n for n in self.blocks if n not in estimates]:
             if name not in self._warned_unused:
                 self._warned_unused.add(name)
                 warn(f"kfc: layer {name!r} did not run in the statistics forward pass; factors not updated")
         if init:
             self.num_init_batches += 1
+            self.init_examples += examples if examples is not None else 0
         else:
             # The next init=True call starts a fresh initialisation.
             self.num_init_batches = 0
             self.num_ema_updates += 1
         return (~torch.stack(oks)).sum() if oks else torch.zeros((), dtype=torch.long)
+
+    def _next_decay(self, examples: int | None) -> float:
+        """The ``xi`` of the next Eqn 33 update: ``min(1 - 1/k, xi)`` with the warm-up, else ``xi``."""
+        if self.num_init_batches:  # the first update after an initial estimate: ceil(N / M) updates
+            if self.init_examples and examples:
+                self.statistics_count = math.ceil(self.init_examples / examples)
+            else:
+                self.statistics_count = self.num_init_batches
+            self.init_examples = 0
+        self.statistics_count += 1
+        k = self.statistics_count
+        self.last_decay = min(1.0 - 1.0 / k, self.stat_decay) if self.ema_warmup else self.stat_decay
+        return self.last_decay
 
     def update_statistics(
         self,
@@ -357,8 +399,8 @@ class KFCCurvature:
         """:meth:`estimate_statistics` on a batch (or micro-batches), then :meth:`fold_statistics`."""
         start = time.perf_counter()
         estimates = self.estimate_statistics(inputs, targets, generator=generator)
-        nonfinite = self.fold_statistics(estimates, init=init)
         examples = inputs.shape[0] if isinstance(inputs, Tensor) else sum(x.shape[0] for x in inputs)
+        nonfinite = self.fold_statistics(estimates, init=init, examples=examples)
         return StatisticsUpdate(examples, nonfinite, time.perf_counter() - start)
 
     # -- inverses -----------------------------------------------------------------------------
@@ -422,6 +464,15 @@ class KFCCurvature:
         result.seconds = time.perf_counter() - start
         return result
 
+    def select_damping(self, index: int) -> None:
+        """Keep damping candidate ``index`` of the last :meth:`update_inverses` as every block's fit.
+
+        Afterwards ``precondition(..., index=0)`` solves with that candidate and the other
+        candidates are gone. No new decomposition: the candidates were fitted together.
+        """
+        for block in self.blocks.values():
+            block.inverse.select(index)
+
     def start_inverses(
         self, damping: float | Sequence[float], weight_decay: Mapping[str, float] | float
     ) -> None:
@@ -435,8 +486,7 @@ class KFCCurvature:
         job and swapped in at the end). Calling :meth:`finish_inverses` right after this is
         exactly :meth:`update_inverses` (same numbers); an optimizer that calls it at the
         next inverse period gets inverses one period stale, the bounded staleness of
-        issue 13. A pending job is not part of :meth:`state_dict`: finish it before saving
-        for a bitwise resume.
+        issue 13. A pending job is saved by :meth:`state_dict` (waited for, not installed).
         """
         if self._inverse_job is not None:
             raise RuntimeError("kfc: start_inverses() while a fit is pending; call finish_inverses() first")
@@ -525,6 +575,9 @@ class KFCCurvature:
             "num_init_batches": self.num_init_batches,
             "num_ema_updates": self.num_ema_updates,
             "num_inverse_updates": self.num_inverse_updates,
+            "init_examples": self.init_examples,
+            "statistics_count": self.statistics_count,
+            "last_decay": self.last_decay,
             "layers": {name: block.state_dict() for name, block in self.blocks.items()},
         }
         if self._inverse_job is not None:
@@ -561,6 +614,9 @@ class KFCCurvature:
         self.num_init_batches = int(state_dict["num_init_batches"])
         self.num_ema_updates = int(state_dict["num_ema_updates"])
         self.num_inverse_updates = int(state_dict["num_inverse_updates"])
+        self.init_examples = int(state_dict.get("init_examples", 0))
+        self.statistics_count = int(state_dict.get("statistics_count", 0))
+        self.last_decay = float(state_dict.get("last_decay", self.stat_decay))
 
 
 def _omega_methods(omega_method: str | Mapping[str, str], layers: Mapping[str, nn.Module]) -> dict[str, str]:

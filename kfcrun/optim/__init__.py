@@ -1,14 +1,15 @@
-"""Optimizers: SGD (the paper's baseline), KFC-pre, and a KFC preconditioner for any optimizer.
+"""Optimizers: SGD (the paper's baseline), KFC-pre, K-FAC, and a KFC preconditioner for any optimizer.
 
-:class:`SGD` and :class:`KFCPre` are ``torch.optim.Optimizer`` subclasses;
+:class:`SGD`, :class:`KFCPre` and :class:`KFAC` are ``torch.optim.Optimizer`` subclasses;
 :class:`KFCPreconditioner` turns ``.grad`` into the KFC natural gradient for any optimizer.
 
-SGD and KFC-pre implement :class:`~kfcrun.optim.protocol.TrainingOptimizer`, the small
-protocol the training loop uses (initialize, step with the mini-batch, averaged
+SGD, KFC-pre and K-FAC implement :class:`~kfcrun.optim.protocol.TrainingOptimizer`, the
+small protocol the training loop uses (initialize, step with the mini-batch, averaged
 parameters, stats).
 """
 
 from kfcrun.optim.averaging import IterateAveraging, averaging_decay
+from kfcrun.optim.kfac import KFAC
 from kfcrun.optim.kfc_pre import KFCPre
 from kfcrun.optim.param_groups import build_param_groups, layer_weight_decays, weight_layers
 from kfcrun.optim.preconditioner import KFCPreconditioner
@@ -16,6 +17,7 @@ from kfcrun.optim.protocol import TrainingOptimizer
 from kfcrun.optim.sgd import SGD
 
 __all__ = [
+    "KFAC",
     "SGD",
     "IterateAveraging",
     "KFCPre",

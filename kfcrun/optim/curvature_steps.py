@@ -12,26 +12,27 @@
   and their timing and health counters.
 * :func:`precondition_parameters`: the damped KFC solve of every block, from and to
   tensors shaped like the parameters.
-* :func:`exact_quadratic`: ``v^T F v`` with the exact Fisher (:mod:`kfcrun.optim.fisher_vector`)
-  over the leading examples of a step.
+* :func:`exact_gram` / :func:`exact_quadratic`: ``v_i^T F v_j`` / ``v^T F v`` with the exact
+  Fisher (:mod:`kfcrun.optim.fisher_vector`) over the examples of a step's micro-batches.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from kfcrun.curvature import CurvatureSchedule, KFCCurvature, Likelihood
-from kfcrun.optim.fisher_vector import fisher_quadratic
+from kfcrun.optim.fisher_vector import fisher_gram
 from kfcrun.optim.inputs import BatchRecorder
 from kfcrun.optim.protocol import InitBatch
 from kfcrun.optim.timing import PhaseTimer
 
 __all__ = [
     "CurvatureRefresher",
+    "exact_gram",
     "exact_quadratic",
     "leading_examples",
     "leading_fraction",
@@ -41,6 +42,8 @@ __all__ = [
 ]
 
 Batches = list[Tensor]
+#: A damping value, several candidates, or a function returning them when a fit needs them.
+Dampings = float | Sequence[float] | Callable[[], Sequence[float]]
 
 
 def subset_size(fraction: float, batch_size: int) -> int:
@@ -163,22 +166,33 @@ class CurvatureRefresher:
         k: int,
         batches: Batches,
         targets: Batches | None,
-        damping: float | Sequence[float],
+        damping: Dampings,
         weight_decays: Mapping[str, float],
-    ) -> None:
+        *,
+        force: bool = False,
+    ) -> bool:
         """Iteration ``k`` (from 1): statistics every ``T_s``, inverses every ``T_f``, on the stats subset.
 
         Before any inverse exists, the step initializes the factors from its own batch.
+        ``force`` (the staleness guard) updates both now. ``damping`` may be a function
+        returning the damping value(s) to fit, called only when the inverses are refitted.
+        Returns whether they were.
         """
         inputs, labels = leading_fraction(batches, targets, self.stats_fraction)
         if not self.initialized:
             self.update_statistics(inputs, labels, init=True)
-            self.update_inverses(damping, weight_decays)
-            return
-        if self.schedule.statistics_due(k):
+            self.update_inverses(_resolve(damping), weight_decays)
+            return True
+        if force or self.schedule.statistics_due(k):
             self.update_statistics(inputs, labels, init=False)
-        if self.schedule.inverses_due(k):
-            self.update_inverses(damping, weight_decays)
+        if force or self.schedule.inverses_due(k):
+            self.update_inverses(_resolve(damping), weight_decays)
+            return True
+        return False
+
+
+def _resolve(damping: Dampings) -> float | Sequence[float]:
+    return damping() if callable(damping) else damping
 
 
 def precondition_parameters(
@@ -206,6 +220,30 @@ def precondition_parameters(
     return out
 
 
+def exact_gram(
+    model: nn.Module,
+    likelihood: Likelihood,
+    batches: Batches,
+    targets: Batches | None,
+    directions: Sequence[Mapping[str, Tensor]],
+) -> Tensor:
+    """``G_ij = v_i^T F v_j``, the exact Fisher averaged over the examples of ``batches``.
+
+    ``F`` is the Fisher of the per-example NLL (summed over output positions) averaged
+    over examples, the same object the curvature blocks approximate; each micro-batch's
+    mean is weighted by its number of examples. One forward-mode pass per direction.
+    """
+    total: Tensor | None = None
+    count = 0
+    for i, x in enumerate(batches):
+        labels = None if targets is None else targets[i]
+        part = fisher_gram(model, x, directions, likelihood=likelihood, targets=labels) * x.shape[0]
+        total = part if total is None else total + part
+        count += x.shape[0]
+    assert total is not None, "exact_gram needs at least one example"
+    return total / count
+
+
 def exact_quadratic(
     model: nn.Module,
     likelihood: Likelihood,
@@ -213,18 +251,5 @@ def exact_quadratic(
     targets: Batches | None,
     tangents: Mapping[str, Tensor],
 ) -> Tensor:
-    """``v^T F v``, the exact Fisher averaged over the examples of ``batches`` (micro-batch by micro-batch).
-
-    ``F`` is the Fisher of the per-example NLL (summed over output positions) averaged
-    over examples, the same object the curvature blocks approximate; each micro-batch's
-    mean is weighted by its number of examples.
-    """
-    total: Tensor | None = None
-    count = 0
-    for i, x in enumerate(batches):
-        labels = None if targets is None else targets[i]
-        part = fisher_quadratic(model, x, tangents, likelihood=likelihood, targets=labels) * x.shape[0]
-        total = part if total is None else total + part
-        count += x.shape[0]
-    assert total is not None, "exact_quadratic needs at least one example"
-    return total / count
+    """``v^T F v``: :func:`exact_gram` of the one direction ``v``."""
+    return exact_gram(model, likelihood, batches, targets, [tangents])[0, 0]

@@ -4,7 +4,9 @@ Each iteration ``k`` (counting from 1), as named phases of :meth:`KFCPre.step`:
 
 1. ``_refresh_curvature``: if ``k % T_s == 0`` update the running factors ``Omega, Gamma``
    on the current mini-batch with targets sampled from the model (Eqns 32-33); if
-   ``k % T_f == 0`` recompute the damped inverses (Eqn 28, or Eqns 39-44);
+   ``k % T_f == 0`` recompute the damped inverses (Eqn 28, or Eqns 39-44); both when the
+   staleness guard asks (:mod:`kfcrun.optim.staleness`, off by default). With
+   ``ema_warmup`` the ``k``-th statistics update uses ``xi_k = min(1 - 1/k, xi)``;
 2. ``_proposed_updates``: ``v = -alpha * F_hat^{-1} grad h`` per covered layer (Eqn 29),
    where ``h`` is the mean mini-batch loss plus ``sum_l lambda_l/2 |W_l|^2``;
 3. ``_clip``: ``nu = v^T F v + sum_l lambda_l |v_l|^2`` with the EXACT Fisher of a
@@ -29,50 +31,31 @@ Every other trainable parameter (and those of ``skip_layers``) takes the plain
 SGD-with-momentum step ``v = -alpha * grad h`` with the same learning rate, and takes
 part in ``nu`` and clipping like every other parameter; the curvature warns once, naming
 the modules without a block.
+
+The shared machinery (param groups, ``grad h``, the refresh, the solve, state) lives in
+:class:`~kfcrun.optim.kfc_base.KFCOptimizerBase`, shared with :class:`~kfcrun.optim.KFAC`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
 
-from kfcrun.curvature import (
-    DEFAULT_MAX_FACTOR_DIM,
-    CurvatureBlock,
-    CurvatureSchedule,
-    DampingMode,
-    FisherType,
-    KFCCurvature,
-    Likelihood,
-    OmegaModel,
-)
-from kfcrun.optim.averaging import AVERAGING_MODES, IterateAveraging
-from kfcrun.optim.curvature_steps import (
-    CurvatureRefresher,
-    exact_quadratic,
-    leading_examples,
-    micro_batches,
-    precondition_parameters,
-    subset_size,
-)
-from kfcrun.optim.inputs import BatchRecorder
+from kfcrun.curvature import DEFAULT_MAX_FACTOR_DIM, DampingMode, FisherType, Likelihood, OmegaModel
+from kfcrun.optim.averaging import AVERAGING_MODES
+from kfcrun.optim.curvature_steps import Batches, leading_examples
+from kfcrun.optim.kfc_base import PHASES, KFCOptimizerBase, StepInputs, parse_inverse_dtype, subset_size
 from kfcrun.optim.knobs import LIKELIHOOD_RULE, SKIP_LAYERS_RULE
-from kfcrun.optim.param_groups import layer_weight_decays, parameter_weight_decays
-from kfcrun.optim.protocol import InitBatch
-from kfcrun.optim.timing import PhaseTimer
+from kfcrun.optim.staleness import StalenessGuard
 from kfcrun.schema import boolean, check_arguments, choice, integer, mapping_of_numbers, number
 
 __all__ = ["PHASES", "KFCPre", "subset_size"]
 
-#: Names of the timed phases, as reported by :attr:`KFCPre.phase_times`.
-PHASES = ("statistics", "inverses", "precondition", "nu")
 
-
-class KFCPre(torch.optim.Optimizer):
+class KFCPre(KFCOptimizerBase):
     """KFC-pre (Algorithm 1) as a ``torch.optim.Optimizer``.
 
     Usage::
@@ -101,12 +84,21 @@ class KFCPre(torch.optim.Optimizer):
             (Eqn 28) or ``λ + γ`` on the whole block (``damping_mode="exact"``).
         damping_mode: ``"pi"`` (Eqn 28) or ``"exact"`` (Eqns 39-44).
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
+        ema_warmup: use ``xi_k = min(1 - 1/k, xi)`` for the ``k``-th statistics update
+            (Martens & Grosse 2015), the initial estimate counting as
+            ``ceil(init_examples / statistics batch)`` updates (see
+            :class:`~kfcrun.curvature.KFCCurvature`). ``False``: Eqn 33's constant ``xi``.
         stats_every: ``T_s``, iterations between statistics updates.
         inverse_every: ``T_f``, iterations between inverse updates.
         refresh_until: for iterations ``k <= refresh_until`` update the statistics and the
             inverses every iteration, whatever ``T_s``/``T_f`` say. Early on the parameters,
             and with them the curvature, change fastest, and factors that are ``T_s``/``T_f``
             iterations stale mis-scale the step. 0 (default) is Algorithm 1 exactly.
+        guard_clip: staleness guard: refresh the statistics and the inverses at the next
+            step when this step's clip factor ``min(1, sqrt(C/nu))`` fell below this
+            (``None``: off). See :mod:`kfcrun.optim.staleness`; reads one scalar per step.
+        guard_nu_jump: staleness guard: refresh when ``nu`` grew by more than this factor
+            from one step to the next (``None``: off). Both need ``clip`` (they watch ``nu``).
         clip: ``C`` of the update clipping; ``None`` disables clipping (and ``nu``).
         nu_fraction: fraction of the mini-batch whose exact Fisher estimates ``nu`` (paper: 1/4).
             With BatchNorm the ``nu`` pass normalizes over that subset (train mode), so keep it
@@ -161,9 +153,12 @@ class KFCPre(torch.optim.Optimizer):
         damping: Annotated[float, number("0.001", gt=0)] = 1e-3,
         damping_mode: Annotated[DampingMode | str, choice(DampingMode)] = DampingMode.PI,
         stat_decay: Annotated[float, number("0.95", ge=0, lt=1)] = 0.95,
+        ema_warmup: Annotated[bool, boolean()] = False,
         stats_every: Annotated[int, integer(1, "10")] = 10,
         inverse_every: Annotated[int, integer(1, "20")] = 20,
         refresh_until: Annotated[int, integer(0, "0")] = 0,
+        guard_clip: Annotated[float | None, number("0.1", gt=0, le=1, optional=True)] = None,
+        guard_nu_jump: Annotated[float | None, number("10", gt=1, optional=True)] = None,
         clip: Annotated[float | None, number("0.3", gt=0, optional=True)] = 0.3,
         nu_fraction: Annotated[float, number("0.25", gt=0, le=1)] = 0.25,
         stats_fraction: Annotated[float, number("0.25", gt=0, le=1)] = 1.0,
@@ -182,115 +177,45 @@ class KFCPre(torch.optim.Optimizer):
         inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
     ) -> None:
-        compute_dtype: torch.dtype | None
-        if isinstance(inverse_dtype, str):
-            check_arguments(KFCPre, {"inverse_dtype": inverse_dtype})
-            compute_dtype = getattr(torch, inverse_dtype)
-        else:
-            compute_dtype = inverse_dtype
-        check_arguments(KFCPre, {k: v for k, v in locals().items() if k != "inverse_dtype"})
-        self.schedule = CurvatureSchedule(stats_every, inverse_every, refresh_until)
-        self.model = model
-        self.curvature = KFCCurvature(
+        compute_dtype = parse_inverse_dtype(KFCPre, inverse_dtype)
+        check_arguments(
+            KFCPre, {k: v for k, v in locals().items() if k not in ("inverse_dtype", "compute_dtype")}
+        )
+        if clip is None and (guard_clip is not None or guard_nu_jump is not None):
+            raise ValueError(
+                "guard_clip and guard_nu_jump watch nu, which clip=None turns off; set clip or drop them"
+            )
+        super().__init__(
             model,
-            stat_decay=stat_decay,
+            {"lr": lr, "momentum": momentum},
+            weight_decay=weight_decay,
+            layer_weight_decay=layer_weight_decay,
+            decay_biases=decay_biases,
+            damping=damping,
             damping_mode=damping_mode,
-            fisher_type=fisher,
-            chunk_size=chunk_size,
-            inverse_dtype=compute_dtype,
-            omega_model=approx,
+            stat_decay=stat_decay,
+            ema_warmup=ema_warmup,
+            stats_every=stats_every,
+            inverse_every=inverse_every,
+            refresh_until=refresh_until,
+            stats_fraction=stats_fraction,
+            init_examples=init_examples,
+            fisher=fisher,
+            approx=approx,
             likelihood=likelihood,
             skip_layers=skip_layers,
             max_factor_dim=max_factor_dim,
+            staleness_guard=StalenessGuard(nu_jump=guard_nu_jump, health_below=guard_clip),
+            precondition=precondition,
+            avg_decay=avg_decay,
+            avg_mode=avg_mode,
+            avg_start=avg_start,
+            seed=seed,
+            chunk_size=chunk_size,
+            inverse_dtype=compute_dtype,
+            record_inputs=record_inputs,
         )
-        #: ``lambda`` per weight layer (Conv/Linear) by name, covered or not.
-        self.lambdas = layer_weight_decays(model, weight_decay, layer_weight_decay)
-        #: ``lambda`` per parameter: weights of weight layers, biases with ``decay_biases``.
-        self.decays = parameter_weight_decays(model, self.lambdas, decay_biases)
-        groups: list[dict[str, Any]] = []
-        covered: set[int] = set()
-        for name, block in self.blocks.items():
-            covered.update(id(p) for p in block.params)
-            groups.append({"params": block.params, "layer": name})
-        others = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
-        if others:
-            groups.append({"params": others, "layer": None})
-        super().__init__(groups, {"lr": lr, "momentum": momentum})
-
-        self.damping = damping
-        self.clip, self.nu_fraction, self.stats_fraction = clip, nu_fraction, stats_fraction
-        self.decay_biases, self.precondition_enabled = decay_biases, precondition
-        self.init_examples = init_examples
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-        self.iteration = 0
-        self.averaging = IterateAveraging(self, avg_decay, avg_mode, avg_start)
-        self.averaging.begin(self._params())
-        self.timer = PhaseTimer(device)
-        self._param_names = {id(p): name for name, p in model.named_parameters()}
-        self._last_stats: dict[str, Tensor] = {}
-        self.recorder = BatchRecorder()
-        self._recorder_handle = self.recorder.attach(model) if record_inputs else None
-        self.refresher = CurvatureRefresher(
-            self.curvature,
-            self.schedule,
-            stats_fraction=stats_fraction,
-            generator=self.generator,
-            timer=self.timer,
-            recorder=self.recorder,
-        )
-
-    # -- plumbing -------------------------------------------------------------------------------
-    @property
-    def blocks(self) -> dict[str, CurvatureBlock]:
-        """The curvature blocks, by module name."""
-        return self.curvature.blocks
-
-    @property
-    def block_weight_decays(self) -> dict[str, float]:
-        """``lambda`` of each block's damping ``λ + γ`` (0 for normalization blocks)."""
-        return {name: self.lambdas.get(name, 0.0) for name in self.blocks}
-
-    @property
-    def needs_labels(self) -> bool:
-        """The empirical Fisher and a masking likelihood need the labels (``step(targets=...)``)."""
-        return self.curvature.fisher_type is FisherType.EMPIRICAL or self.curvature.likelihood.needs_labels
-
-    @property
-    def initialized(self) -> bool:
-        """Whether the damped inverses exist (after :meth:`initialize` or the first step)."""
-        return self.curvature.has_inverses
-
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
-    @property
-    def phase_times(self) -> dict[str, float]:
-        """Cumulative seconds per phase: statistics, inverses, precondition, nu."""
-        totals = self.timer.totals()
-        return {f"kfc_{phase}_s": totals.get(phase, 0.0) for phase in PHASES}
-
-    def remove_hooks(self) -> None:
-        """Detach the input-recording hook from the model (``step`` then needs ``inputs=``)."""
-        if self._recorder_handle is not None:
-            self._recorder_handle.remove()
-            self._recorder_handle = None
-
-    # -- curvature ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def initialize(self, batches: Iterable[InitBatch]) -> None:
-        """Algorithm 1's initial factor estimate: average Eqn 32 over ``batches``, then invert.
-
-        ``batches`` yields input tensors, or ``(inputs, labels)`` pairs (labels are used
-        only with ``fisher="empirical"`` or a masking likelihood): a large training subset;
-        the paper used the full training set. Every example is used, whatever
-        ``stats_fraction`` is.
-        """
-        self.refresher.initialize(batches, self.damping, self.block_weight_decays)
-
-    def _refresh_curvature(self, k: int, batches: list[Tensor], targets: list[Tensor] | None) -> None:
-        """Phase 1: statistics every ``T_s`` and inverses every ``T_f`` (on a subset of every micro-batch)."""
-        self.refresher.refresh(k, batches, targets, self.damping, self.block_weight_decays)
+        self.clip, self.nu_fraction = clip, nu_fraction
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -298,8 +223,8 @@ class KFCPre(torch.optim.Optimizer):
         self,
         closure: Callable[[], Any] | None = None,
         *,
-        inputs: Tensor | Sequence[Tensor] | None = None,
-        targets: Tensor | Sequence[Tensor] | None = None,
+        inputs: StepInputs | None = None,
+        targets: StepInputs | None = None,
     ) -> Any:
         """One KFC-pre iteration (see the module docstring). ``.grad`` must hold the mean-loss gradient.
 
@@ -314,23 +239,16 @@ class KFCPre(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        recorded = self.recorder.take()
-        if inputs is None:
-            inputs = recorded
-        if isinstance(inputs, Sequence) and not isinstance(inputs, Tensor) and not inputs:
-            raise RuntimeError(
-                "KFCPre.step() needs the mini-batch inputs: call step(inputs=x), or build the optimizer with "
-                "record_inputs=True and run the model in train mode on them before step()"
-            )
-        batches, labels = micro_batches(inputs, targets)
+        batches, labels = self._step_batches(inputs, targets)
         k = self.iteration + 1
 
         if self.precondition_enabled:
-            self._refresh_curvature(k, batches, labels)
+            self._refresh_curvature(k, batches, labels, force=self.guard.due())
         with self.timer("precondition"):
             updates = self._proposed_updates()
         nu, scale = self._clip(batches, labels, updates)
-        self._apply_momentum(updates)
+        self._apply_momentum(updates, self.param_groups[0]["momentum"])
+        self.guard.observe(nu=nu, health=scale)
 
         self.iteration = k
         self.averaging.update(self._params(), k)
@@ -342,26 +260,18 @@ class KFCPre(torch.optim.Optimizer):
             self._last_stats["clip_factor"] = scale
         return loss
 
-    def _gradient_of_h(self, p: Tensor) -> Tensor:
-        """``grad h = grad(mean loss) + lambda p`` (a fresh tensor)."""
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        decay = self.decays.get(p, 0.0)
-        return grad.add(p, alpha=decay) if decay else grad.clone()
-
     def _proposed_updates(self) -> dict[Tensor, Tensor]:
         """Phase 2: the proposed update ``v`` per parameter.
 
         ``v = -alpha F_hat^{-1} grad h`` for the parameters a block covers (Eqn 29 for Kronecker
         blocks), ``-alpha grad h`` for the others.
         """
-        grads = {p: self._gradient_of_h(p) for p in self._params()}
-        if self.precondition_enabled and self.blocks:
-            grads.update(precondition_parameters(self.curvature, grads))
+        updates = self._directions()
         lr = {p: group["lr"] for group in self.param_groups for p in group["params"]}
-        return {p: g.mul_(-lr[p]) for p, g in grads.items()}
+        return {p: v.mul_(-lr[p]) for p, v in updates.items()}
 
     def _clip(
-        self, batches: list[Tensor], targets: list[Tensor] | None, updates: dict[Tensor, Tensor]
+        self, batches: Batches, targets: Batches | None, updates: dict[Tensor, Tensor]
     ) -> tuple[Tensor | None, Tensor | None]:
         """Phase 3: ``nu`` on part of the step's examples; scale ``v`` in place so ``nu <= C`` (no sync)."""
         if self.clip is None:
@@ -373,67 +283,10 @@ class KFCPre(torch.optim.Optimizer):
             torch._foreach_mul_(list(updates.values()), scale)
         return nu, scale
 
-    def _apply_momentum(self, updates: dict[Tensor, Tensor]) -> None:
-        """Phase 4: ``p <- mu p + v``, ``theta <- theta + p``."""
-        params = list(updates)
-        buffers = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buffers.append(state["momentum_buffer"])
-        momentum = self.param_groups[0]["momentum"]
-        torch._foreach_mul_(buffers, momentum)
-        torch._foreach_add_(buffers, list(updates.values()))
-        torch._foreach_add_(params, buffers)
-
-    def _nu(
-        self, batches: list[Tensor], targets: list[Tensor] | None, updates: dict[Tensor, Tensor]
-    ) -> Tensor:
+    def _nu(self, batches: Batches, targets: Batches | None, updates: dict[Tensor, Tensor]) -> Tensor:
         """``v^T F v + sum lambda |v|^2``, exact Fisher of the step's first ``nu_fraction`` of examples."""
         total = sum(x.shape[0] for x in batches)
         inputs, labels = leading_examples(batches, targets, subset_size(self.nu_fraction, total))
-        tangents = {self._param_names[id(p)]: v for p, v in updates.items()}
-        with self.recorder.paused(), torch.enable_grad():
-            quadratic = exact_quadratic(self.model, self.curvature.likelihood, inputs, labels, tangents)
-        decay_terms = [
-            self.decays[p] * v.square().sum() for p, v in updates.items() if self.decays.get(p, 0.0)
-        ]
-        return quadratic + torch.stack(decay_terms).sum() if decay_terms else quadratic
-
-    # -- evaluation, logging, state --------------------------------------------------------------
-    @contextmanager
-    def averaged_parameters(self) -> Iterator[None]:
-        """Load the averaged iterates into the parameters inside the ``with`` block."""
-        with self.averaging.swapped_in(self._params(), self.iteration):
-            yield
-
-    def step_stats(self) -> dict[str, Tensor | float]:
-        """Last step's ``damping``, ``pi_mean``, ``nu``, ``clip_factor``, non-finite counts and phase times.
-
-        ``stats_nonfinite``/``inverse_nonfinite``: layers whose last statistics estimate /
-        last factors were non-finite (and were skipped / kept their previous inverse).
-        Values are tensors where they come from the device; reading them syncs, so call
-        this only when logging.
-        """
-        return {**self._last_stats, **self.refresher.health, **self.phase_times}
-
-    def state_dict(self) -> dict[str, Any]:
-        """The ``torch.optim.Optimizer`` state plus iteration, curvature, generator, phase times, ``pi``."""
-        state = super().state_dict()
-        state["iteration"] = self.iteration
-        state["curvature"] = self.curvature.state_dict()
-        state["generator"] = self.generator.get_state()
-        state["phase_times"] = self.timer.state_dict()
-        state["pi_mean"] = self.refresher.pi_mean
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output bitwise (curvature, generator and counters included)."""
-        state_dict = dict(state_dict)
-        self.iteration = int(state_dict.pop("iteration"))
-        self.curvature.load_state_dict(state_dict.pop("curvature"))
-        self.generator.set_state(state_dict.pop("generator"))
-        self.timer.load_state_dict(state_dict.pop("phase_times", {}))
-        self.refresher.pi_mean = state_dict.pop("pi_mean", None)
-        super().load_state_dict(state_dict)
+        quadratic = self._fisher_gram(inputs, labels, [updates])[0, 0]
+        decay = self._decay_form(updates, updates)
+        return quadratic + decay if decay is not None else quadratic

@@ -1,6 +1,7 @@
 """What the training loop needs from an optimizer, beyond ``torch.optim.Optimizer``.
 
-kfcrun's optimizers (:class:`~kfcrun.optim.SGD`, :class:`~kfcrun.optim.KFCPre`) all
+kfcrun's optimizers (:class:`~kfcrun.optim.SGD`, :class:`~kfcrun.optim.KFCPre`,
+:class:`~kfcrun.optim.KFAC`) all
 implement :class:`TrainingOptimizer`, so the runner never checks for attributes or
 reads config strings to know what an optimizer wants.
 """
@@ -27,6 +28,9 @@ class TrainingOptimizer(Protocol):
         init_examples: training examples the loop should pass to :meth:`initialize`
             before the first step (0: none wanted).
         needs_labels: whether :meth:`step` must receive the training labels as ``targets``.
+        needs_closure: whether :meth:`step` must receive a closure that returns the mean
+            mini-batch loss at the current parameters (a forward pass, no ``backward``):
+            K-FAC evaluates the objective after its update for the reduction ratio.
         iteration: completed steps.
     """
 
@@ -36,6 +40,10 @@ class TrainingOptimizer(Protocol):
     @property
     def needs_labels(self) -> bool:
         """Whether :meth:`step` must receive the training labels as ``targets``."""
+
+    @property
+    def needs_closure(self) -> bool:
+        """Whether :meth:`step` must receive a closure returning the mini-batch loss."""
 
     def initialize(self, batches: Iterable[InitBatch]) -> None:
         """Use ``batches`` (about ``init_examples`` examples) before the first step."""
@@ -47,7 +55,10 @@ class TrainingOptimizer(Protocol):
         inputs: Tensor | None = None,
         targets: Tensor | None = None,
     ) -> Any:
-        """One update from the gradients in ``.grad``; ``inputs``/``targets`` are the mini-batch."""
+        """One update from the gradients in ``.grad``; ``inputs``/``targets`` are the mini-batch.
+
+        ``closure`` is passed when :attr:`needs_closure` says so, else it is ``None``.
+        """
 
     def averaged_parameters(self) -> AbstractContextManager[None]:
         """Context in which the model holds the averaged iterates (for evaluation)."""

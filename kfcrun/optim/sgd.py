@@ -35,11 +35,13 @@ class SGD(torch.optim.SGD):
 
     ``iteration`` counts completed steps; ``averaged_parameters()`` swaps the averages
     into the model for evaluation. Implements :class:`~kfcrun.optim.protocol.TrainingOptimizer`:
-    it wants no initialization and no labels, and ignores the mini-batch passed to ``step``.
+    it wants no initialization, no labels and no closure, and ignores the mini-batch passed to ``step``.
     """
 
     #: SGD needs no initial curvature estimate.
     init_examples = 0
+    #: SGD's step needs no loss closure (the runner passes none).
+    needs_closure = False
 
     def __init__(
         self,

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 def config(
     name: str,
     optimizer: str = "sgd",
-    lr: float = 0.01,
+    lr: float | None = 0.01,
     seed: int = 0,
     dataset: str = "cifar10",
     batch_norm: bool = False,

@@ -21,11 +21,32 @@ def pair_dirs(tmp_path):
     return sgd, kfc
 
 
-def test_swap_name():
-    assert report.swap_name("cifar10_sgd") == "cifar10_kfc"
-    assert report.swap_name("cifar10_bs4096_kfc") == "cifar10_bs4096_sgd"
-    assert report.swap_name("cifar10_bn_sgd") == "cifar10_bn_kfc"
-    assert report.swap_name("smoke") is None
+def test_partner_names():
+    assert report.partner_names("cifar10_sgd") == ["cifar10_kfc", "cifar10_kfac"]
+    assert report.partner_names("cifar10_bs4096_kfc") == ["cifar10_bs4096_kfac"]
+    assert report.partner_names("cifar10_bn_sgd") == ["cifar10_bn_kfc", "cifar10_bn_kfac"]
+    assert report.partner_names("cifar10_kfac") == []
+    assert report.partner_names("smoke") == []
+
+
+def test_kfac_pairs_with_sgd_and_with_kfc_pre(tmp_path):
+    paths = [
+        write_run(tmp_path / "sgd", config("cifar10_sgd", "sgd", lr=0.01), SGD_ROWS),
+        write_run(tmp_path / "kfc", config("cifar10_kfc", "kfc_pre", lr=0.003, batch_size=512), KFC_ROWS),
+        write_run(tmp_path / "kfac", config("cifar10_kfac", "kfac", lr=None, batch_size=512), KFC_ROWS),
+    ]
+    pairs, unpaired = report.find_pairs(load_runs(paths))
+    assert [(p.baseline_name, p.candidate_name) for p in pairs] == [
+        ("cifar10_sgd", "cifar10_kfc"),
+        ("cifar10_sgd", "cifar10_kfac"),
+        ("cifar10_kfc", "cifar10_kfac"),
+    ] and unpaired == []
+    last = pairs[2]
+    assert report.column_names(last) == ("KFC-pre", "K-FAC")
+    final = by_threshold(report.final_rows(last)[1])
+    assert final["learning rate"] == ["0.003", "adapted"]
+    text = report.build_report(load_runs(paths))
+    assert "## cifar10_kfc vs cifar10_kfac" in text and "## cifar10_sgd vs cifar10_kfac" in text
 
 
 def test_threshold_table_cells(pair_dirs):
@@ -135,7 +156,7 @@ def test_explicit_and_unknown_pairs(pair_dirs, tmp_path):
         report.find_pairs(runs, [("nope", "cifar10_kfc")])
     with pytest.raises(AnalysisError, match="compares a run name with itself"):
         report.find_pairs(runs, [("cifar10_kfc", "cifar10_kfc")])
-    with pytest.raises(AnalysisError, match="no SGD/KFC-pre pairs found"):
+    with pytest.raises(AnalysisError, match="no SGD/KFC-pre/K-FAC pairs found"):
         report.find_pairs(load_runs([other]))
 
 

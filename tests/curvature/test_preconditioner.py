@@ -353,3 +353,73 @@ def test_several_damping_candidates_equal_separate_fits(mode: str) -> None:
     restored.load_state_dict(curv.state_dict())
     back = restored.precondition(grads)
     assert all(torch.equal(back[k], together[0][k]) for k in grads)
+
+
+@pytest.mark.parametrize("mode", ["pi", "exact"])
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_selected_damping_candidate_becomes_the_fit(mode: str, index: int) -> None:
+    """select_damping(i) keeps candidate i as candidate 0, bitwise, and it survives a state round trip."""
+    lam = {"0": 1e-3, "2": 0.0, "6": 5e-2}
+    dampings = [1e-2, 3e-3, 3e-2]
+    _, curv = _ready(mode)
+    curv.update_inverses(dampings, lam)
+    grads = _random_grads(curv)
+    expected = curv.precondition(grads, index=index)
+    curv.select_damping(index)
+    kept = curv.precondition(grads)
+    assert all(torch.equal(kept[k], expected[k]) for k in grads)
+    for name, block in curv.blocks.items():
+        assert block.inverse.damping_total.item() == pytest.approx(lam[name] + dampings[index])
+    if index:
+        with pytest.raises(IndexError):
+            curv.precondition(grads, index=index)  # the other candidates are gone
+    _, restored = _ready(mode)
+    restored.load_state_dict(curv.state_dict())
+    back = restored.precondition(grads)
+    assert all(torch.equal(back[k], expected[k]) for k in grads)
+
+
+def test_ema_warmup_averages_the_first_updates_equally() -> None:
+    """xi_k = min(1 - 1/k, xi): while 1 - 1/k < xi the factors are the plain mean of the estimates."""
+    net = two_conv_net()
+    curv = KFCCurvature(net, fisher_type="empirical", stat_decay=0.7, ema_warmup=True)
+    batches = _batches(6)
+    hats = [batch_factors(net, x, y) for x, y in batches]
+    decays = []
+    for x, y in batches:
+        curv.update_statistics(x, y)
+        decays.append(curv.last_decay)
+    assert decays == pytest.approx([0.0, 1 / 2, 2 / 3, 0.7, 0.7, 0.7])
+    for name, block in curv.blocks.items():
+        ref = sum(h[name][0] for h in hats[:3]) / 3
+        for h in hats[3:]:
+            ref = 0.7 * ref + 0.3 * h[name][0]
+        assert_close(block.omega, ref, atol=1e-13, what=f"{name} Omega after the warm-up")
+
+
+def test_ema_warmup_counts_the_initial_estimate_by_its_examples() -> None:
+    """An initial estimate over N examples weighs ceil(N / M) updates of M examples."""
+    net = two_conv_net()
+    curv = KFCCurvature(net, fisher_type="empirical", stat_decay=0.95, ema_warmup=True)
+    init = _batches(2, m=5)  # N = 10 examples
+    hats_init = [batch_factors(net, x, y) for x, y in init]
+    for x, y in init:
+        curv.update_statistics(x, y, init=True)
+    later = [
+        (x[:4], y[:4]) for x, y in _batches(2, m=4)
+    ]  # M = 4: the estimate counts as ceil(10/4) = 3 updates
+    hats = [batch_factors(net, x, y) for x, y in later]
+    for x, y in later:
+        curv.update_statistics(x, y)
+    assert curv.statistics_count == 5 and curv.last_decay == pytest.approx(4 / 5)
+    for name, block in curv.blocks.items():
+        mean_init = (hats_init[0][name][1] + hats_init[1][name][1]) / 2
+        ref = (3 * mean_init + hats[0][name][1] + hats[1][name][1]) / 5
+        assert_close(block.gamma, ref, atol=1e-13, what=f"{name} Gamma: init as 3 updates, then 2")
+
+
+def test_without_warmup_xi_is_constant() -> None:
+    _, curv = _ready()
+    ((x, y),) = _batches(1)
+    curv.update_statistics(x, y)
+    assert curv.last_decay == curv.stat_decay == 0.95

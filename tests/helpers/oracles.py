@@ -5,6 +5,8 @@
 * ``DS`` per example: one forward and one ``autograd.grad`` per example's own loss.
 * Factors by Eqn 32 with the ones column materialised.
 * Exact Fisher blocks from Jacobians (``torch.func.jacrev``), ``vec`` = column stacking.
+* The exact Fisher of a softmax classifier, ``(1/n) sum_m J_m^T (diag p_m - p_m p_m^T) J_m``,
+  from full Jacobians of the logits (:func:`explicit_fisher`).
 """
 
 from __future__ import annotations
@@ -162,3 +164,26 @@ def jacobian_wrt_wbar(fn: Callable[[Tensor], Tensor], wbar: Tensor) -> Tensor:
     jac = torch.func.jacrev(fn)(wbar)  # (*out, I, cols)
     jac = jac.reshape(-1, *wbar.shape)
     return jac.transpose(1, 2).reshape(jac.shape[0], -1)
+
+
+def explicit_fisher(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``F = (1/n) sum_m J_m^T (diag p_m - p_m p_m^T) J_m`` from full Jacobians."""
+    names = [n for n, _ in model.named_parameters()]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def logits_of(flat: torch.Tensor) -> torch.Tensor:
+        chunks, offset = {}, 0
+        for n in names:
+            size = params[n].numel()
+            chunks[n] = flat[offset : offset + size].reshape(params[n].shape)
+            offset += size
+        return torch.func.functional_call(model, chunks, (x,))
+
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    jac = torch.autograd.functional.jacobian(logits_of, flat)  # (n, classes, P)
+    probs = torch.softmax(logits_of(flat), dim=1)
+    fisher = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype)
+    for m in range(x.shape[0]):
+        h = torch.diag(probs[m]) - torch.outer(probs[m], probs[m])
+        fisher += jac[m].T @ h @ jac[m]
+    return fisher / x.shape[0]

@@ -14,62 +14,11 @@ from torch import nn
 from kfcrun.curvature import batch_factors, sample_targets
 from kfcrun.optim import SGD, KFCPre, build_param_groups
 from kfcrun.optim.fisher_vector import fisher_quadratic
-from tests.helpers.oracles import assert_close
-
-
-def tiny_net(seed: int = 0, batch_norm: bool = False) -> nn.Sequential:
-    """conv(2->3, 3x3, pad 1) -> [BN] -> ReLU -> maxpool 2 -> Linear(12 -> 4), float64."""
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Conv2d(2, 3, 3, padding=1, bias=not batch_norm)]
-    if batch_norm:
-        layers.append(nn.BatchNorm2d(3))
-    layers += [nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 4)]
-    net = nn.Sequential(*layers)
-    for name, p in net.named_parameters():
-        if "1." not in name or not batch_norm:
-            nn.init.normal_(p, std=0.5)
-    return net.double()
-
-
-def batch(seed: int, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 4, (n,), generator=g)
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-
-
-def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+from tests.helpers.optim_nets import batch, flat_params, model_at, tiny_net, train_step
+from tests.helpers.oracles import assert_close, explicit_fisher
 
 
 # -- nu = v^T F v ---------------------------------------------------------------------------------
-def explicit_fisher(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``F = (1/n) sum_m J_m^T (diag p_m - p_m p_m^T) J_m`` from full Jacobians."""
-    names = [n for n, _ in model.named_parameters()]
-    params = {n: p.detach() for n, p in model.named_parameters()}
-
-    def logits_of(flat: torch.Tensor) -> torch.Tensor:
-        chunks, offset = {}, 0
-        for n in names:
-            size = params[n].numel()
-            chunks[n] = flat[offset : offset + size].reshape(params[n].shape)
-            offset += size
-        return torch.func.functional_call(model, chunks, (x,))
-
-    flat = torch.cat([params[n].reshape(-1) for n in names])
-    jac = torch.autograd.functional.jacobian(logits_of, flat)  # (n, classes, P)
-    probs = torch.softmax(logits_of(flat), dim=1)
-    fisher = torch.zeros(flat.numel(), flat.numel(), dtype=flat.dtype)
-    for m in range(x.shape[0]):
-        h = torch.diag(probs[m]) - torch.outer(probs[m], probs[m])
-        fisher += jac[m].T @ h @ jac[m]
-    return fisher / x.shape[0]
-
-
 def test_fisher_quadratic_matches_explicit_jacobians():
     model = tiny_net()
     x, _ = batch(1)
@@ -334,13 +283,6 @@ def test_clipping_bounds_nu_by_c():
     assert clipped_nu.item() == pytest.approx(1e-3, rel=1e-8)
 
 
-def model_at(model: nn.Module, flat: torch.Tensor) -> nn.Module:
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        torch.nn.utils.vector_to_parameters(flat, twin.parameters())
-    return twin
-
-
 def test_non_finite_factor_never_reaches_the_parameters():
     model = tiny_net()
     opt = KFCPre(model, lr=0.05, stats_every=100, inverse_every=2, clip=None)
@@ -429,10 +371,13 @@ def test_stats_fraction_uses_the_first_examples():
 
 
 # -- state ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("early_phase", [{}, {"ema_warmup": True, "guard_clip": 0.9, "guard_nu_jump": 1.5}])
 @pytest.mark.parametrize("stop_after", [1, 4, 5])
-def test_state_dict_round_trip_resumes_bitwise(stop_after):
-    """Resume at any point, including between two inverse updates (T_f = 3)."""
-    settings = dict(lr=0.05, weight_decay=0.01, stats_every=2, inverse_every=3, avg_decay=0.8, seed=3)
+def test_state_dict_round_trip_resumes_bitwise(stop_after, early_phase):
+    """Resume at any point, also between two inverse updates (T_f = 3), and with the early-phase options."""
+    settings = dict(
+        lr=0.05, weight_decay=0.01, stats_every=2, inverse_every=3, avg_decay=0.8, seed=3, **early_phase
+    )
     model = tiny_net()
     opt = KFCPre(model, **settings)
     data = [batch(s) for s in range(8)]
@@ -454,6 +399,9 @@ def test_state_dict_round_trip_resumes_bitwise(stop_after):
     for name, block in opt.curvature.blocks.items():
         assert torch.equal(block.omega, resumed_opt.curvature.blocks[name].omega)
         assert torch.equal(block.inverse.omega_inv, resumed_opt.curvature.blocks[name].inverse.omega_inv)
+    assert opt.guard.refreshes == resumed_opt.guard.refreshes
+    if early_phase:
+        assert opt.guard.refreshes > 0, "the guard never fired: the test would not cover its state"
 
 
 def test_grad_is_left_as_the_user_computed_it():

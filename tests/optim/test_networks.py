@@ -1,4 +1,4 @@
-"""KFC-pre on the networks researchers use: build, report coverage, take 5 steps with a finite loss.
+"""KFC-pre and K-FAC on the networks researchers use: build, report coverage, take 5 steps with a finite loss.
 
 The ResNet-18s have 4608 x 4608 factors (512 channels x 3 x 3); in the default suite they run
 with ``max_factor_dim=1024`` (every larger factor diagonal, which also exercises the cap on
@@ -16,7 +16,7 @@ import torchvision
 from torch import nn
 
 from kfcrun.curvature import KFCCurvatureWarning, SoftmaxCrossEntropy
-from kfcrun.optim import KFCPre, KFCPreconditioner
+from kfcrun.optim import KFAC, KFCPre, KFCPreconditioner
 
 
 def _steps(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, n: int = 5, **step_kwargs) -> list[float]:
@@ -38,6 +38,7 @@ def _vision(arch: str, frozen: str | None = None) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("method", ["kfc_pre", "kfac"])
 @pytest.mark.parametrize(
     ("arch", "frozen", "kinds", "capped"),
     [
@@ -47,15 +48,30 @@ def _vision(arch: str, frozen: str | None = None) -> nn.Module:
     ],
     ids=["resnet18", "resnet18_layer1_frozen", "mobilenet_v3_small"],
 )
-def test_torchvision_classifiers_take_five_finite_steps(arch, frozen, kinds, capped) -> None:
+def test_torchvision_classifiers_take_five_finite_steps(method, arch, frozen, kinds, capped) -> None:
     model = _vision(arch, frozen)
     with warnings.catch_warnings():
         warnings.simplefilter("error", KFCCurvatureWarning)  # everything with parameters is covered
-        # nu on all 8 examples: BatchNorm in train mode over 2 examples of a 1x1 map makes the exact
-        # Fisher's JVP explode (the batch variance nearly vanishes), and the clip then stops every step
-        opt = KFCPre(
-            model, lr=0.02, damping=1e-2, max_factor_dim=1024, inverse_dtype=torch.float32, nu_fraction=1.0
-        )
+        if method == "kfc_pre":
+            # nu on all 8 examples: BatchNorm in train mode over 2 examples of a 1x1 map makes the exact
+            # Fisher's JVP explode (the batch variance nearly vanishes), and the clip then stops every step
+            opt = KFCPre(
+                model,
+                lr=0.02,
+                damping=1e-2,
+                max_factor_dim=1024,
+                inverse_dtype=torch.float32,
+                nu_fraction=1.0,
+            )
+        else:  # K-FAC's quadratic model uses the whole batch anyway; lambda adapted on steps 2 and 4
+            opt = KFAC(
+                model,
+                damping=1e-2,
+                max_factor_dim=1024,
+                inverse_dtype=torch.float32,
+                lambda_every=2,
+                gamma_every=3,
+            )
     coverage = opt.curvature.coverage()
     found = {kind: sum(1 for k in coverage.values() if k == kind) for kind in set(coverage.values())}
     assert found == kinds, coverage
@@ -71,8 +87,13 @@ def test_torchvision_classifiers_take_five_finite_steps(arch, frozen, kinds, cap
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)  # small maps: fast
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    losses = _steps(model, opt, x, y)
+    closure = {"closure": lambda: F.cross_entropy(model(x), y)} if method == "kfac" else {}
+    losses = _steps(model, opt, x, y, **closure)
     assert all(torch.isfinite(torch.tensor(losses))), losses
+    if method == "kfac":
+        stats = opt.step_stats()
+        assert all(torch.isfinite(torch.as_tensor(stats[k])) for k in ("alpha", "mu", "lambda", "rho")), stats
+        assert float(stats["alpha"]) > 0, stats
     for name, p in model.named_parameters():
         moved = not torch.equal(before[name], p.detach())
         assert moved == p.requires_grad, f"{name}: moved={moved}, trainable={p.requires_grad}"
@@ -92,7 +113,7 @@ class TinyLM(nn.Module):
         return self.head(F.gelu(self.up(self.norm(self.embed(tokens)))))
 
 
-@pytest.mark.parametrize("use", ["kfc_pre", "preconditioner_adamw"])
+@pytest.mark.parametrize("use", ["kfc_pre", "preconditioner_adamw", "kfac"])
 def test_sequence_model_with_per_token_cross_entropy(use: str) -> None:
     torch.manual_seed(0)
     model = TinyLM()
@@ -105,6 +126,8 @@ def test_sequence_model_with_per_token_cross_entropy(use: str) -> None:
     precond = None
     if use == "kfc_pre":
         opt = KFCPre(model, lr=0.1, **kwargs)
+    elif use == "kfac":
+        opt = KFAC(model, lambda_every=2, gamma_every=3, **kwargs)
     else:
         precond = KFCPreconditioner(model, **kwargs)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -120,13 +143,20 @@ def test_sequence_model_with_per_token_cross_entropy(use: str) -> None:
     losses = []
     for _ in range(5):
         opt.zero_grad()
-        loss = F.cross_entropy(model(tokens).movedim(-1, 1), targets, ignore_index=-100)
-        loss.backward()
-        if precond is not None:
-            precond.step(targets=targets)
-            opt.step()
+        if use == "kfac":
+            # K-FAC's rho compares the closure's loss with a model built from the likelihood's Fisher:
+            # both are the mean over sequences of the NLL summed over (unmasked) tokens
+            loss = likelihood.loss(model(tokens), targets)
+            loss.backward()
+            opt.step(lambda: likelihood.loss(model(tokens), targets), targets=targets)
         else:
-            opt.step(targets=targets)
+            loss = F.cross_entropy(model(tokens).movedim(-1, 1), targets, ignore_index=-100)
+            loss.backward()
+            if precond is not None:
+                precond.step(targets=targets)
+                opt.step()
+            else:
+                opt.step(targets=targets)
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
 
