@@ -39,7 +39,15 @@ from torch import Tensor
 
 from .kron_math import DEFAULT_PATCH_BUDGET_BYTES, Pair, accumulation_dtype, homogeneous_moment
 
-__all__ = ["OMEGA_METHODS", "conv_omega_lagged", "lagged_applies"]
+__all__ = ["MIN_LAG_ROWS", "OMEGA_METHODS", "conv_omega_lagged", "lagged_applies", "lagged_preferred"]
+
+#: ``"auto"`` takes the row lags only when the width expansion has at least this many rows
+#: (``J kw``, input channels times the kernel extent along the lagged axis). Measured on the
+#: 2-core CPU with 2 threads (``scripts/bench_omega.py``, issue 13): the cuda-convnet conv1
+#: (``J kw = 15``) at 128 examples took 0.63-0.74x the patch GEMM's speed, because its
+#: ``15 x 15`` row products do not thread well (2.4x faster than the GEMM with 1 thread);
+#: every layer with ``J kw >= 160`` was 1.6-2.8x faster.
+MIN_LAG_ROWS = 16
 
 #: ``omega_method`` values: ``"auto"`` (row lags where :func:`lagged_applies`, else the
 #: patch GEMM), ``"patch"`` (always the patch GEMM), ``"lagged"`` (row lags; an error where
@@ -69,6 +77,11 @@ def lagged_applies(
     """
     kh, kw = _pair(kernel_size)
     return _pair(stride) == (1, 1) and groups == 1 and not diagonal and max(kh, kw) >= 2
+
+
+def lagged_preferred(in_channels_per_group: int, kernel_size: int | Sequence[int]) -> bool:
+    """``"auto"``'s rule on top of :func:`lagged_applies`: enough rows (:data:`MIN_LAG_ROWS`)."""
+    return in_channels_per_group * max(_pair(kernel_size)) >= MIN_LAG_ROWS
 
 
 def window_mask(n: int, k: int, before: int, after: int, d: int, device: torch.device) -> tuple[Tensor, int]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from kfcrun.curvature import kron_math
 from kfcrun.curvature.blocks import make_block
-from kfcrun.curvature.omega_lagged import conv_omega_lagged, lagged_applies
+from kfcrun.curvature.omega_lagged import conv_omega_lagged, lagged_applies, lagged_preferred
 from tests.helpers.oracles import assert_close
 
 # (M, J, H, W, (kh, kw), padding ((pt, pb), (pl, pr)) or "same", dilation)
@@ -82,6 +82,12 @@ def test_lagged_float32_is_at_least_as_accurate_as_the_gemm() -> None:
     assert err_lag <= 1.5 * err_gemm, (err_lag.item(), err_gemm.item())
 
 
+def test_auto_rule_skips_thin_inputs() -> None:
+    """``auto`` keeps the patch GEMM where J*k < MIN_LAG_ROWS (measured slower at 2 threads)."""
+    assert not lagged_preferred(3, 5), "cuda-convnet conv1: 15 rows"
+    assert lagged_preferred(32, 5) and lagged_preferred(4, (1, 4)) and lagged_preferred(64, 3)
+
+
 def test_applicability_rule() -> None:
     assert lagged_applies(3, 1)
     assert lagged_applies((1, 5), 1)
@@ -95,12 +101,12 @@ def test_applicability_rule() -> None:
     "conv",
     [
         nn.Conv2d(3, 4, 5, padding=2),
-        nn.Conv2d(3, 4, 3, padding=1, bias=False),
-        nn.Conv2d(3, 4, (2, 3), padding="same", dilation=2),
+        nn.Conv2d(6, 4, 3, padding=1, bias=False),
+        nn.Conv2d(8, 4, (2, 3), padding="same", dilation=2),
         nn.Conv2d(3, 4, 3, stride=2, padding=1),  # falls back to the patch GEMM
         nn.Conv2d(4, 4, 3, padding=1, groups=2),  # falls back to the patch GEMM
-        nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),  # pre-padded input, valid lags
-        nn.Conv1d(3, 4, 5, padding=2),
+        nn.Conv2d(8, 4, 3, padding=1, padding_mode="reflect"),  # pre-padded input, valid lags
+        nn.Conv1d(4, 4, 5, padding=2),
     ],
     ids=["5x5", "nobias", "even-dilated", "strided", "grouped", "reflect", "conv1d"],
 )
@@ -115,8 +121,9 @@ def test_conv_block_methods_agree(conv: nn.Module) -> None:
     block.omega_method = "auto"
     auto = block.batch_omega(x)
     assert_close(auto, patch, atol=1e-12 * patch.abs().max().item(), what="auto vs patch")
-    applies = block.uses_lagged_omega()
-    assert applies == (conv.stride[0] == 1 and conv.groups == 1)
+    lagged = block.uses_lagged_omega()
+    applies = conv.stride[0] == 1 and conv.groups == 1
+    assert lagged == (applies and conv.in_channels * max(conv.kernel_size) >= 16)
     block.omega_method = "lagged"
     if applies:
         assert_close(block.batch_omega(x), patch, atol=1e-12 * patch.abs().max().item(), what="lagged")
@@ -128,7 +135,7 @@ def test_conv_block_methods_agree(conv: nn.Module) -> None:
 def test_curvature_takes_omega_method_per_layer() -> None:
     from kfcrun.curvature import KFCCurvature
 
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2))
+    model = nn.Sequential(nn.Conv2d(6, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2))
     curvature = KFCCurvature(model, omega_method={"0": "patch"})
     assert curvature.blocks["0"].omega_method == "patch" and curvature.blocks["2"].omega_method == "auto"
     assert not curvature.blocks["0"].uses_lagged_omega() and not curvature.blocks["2"].uses_lagged_omega()

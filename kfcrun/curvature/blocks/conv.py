@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kron_math
-from ..omega_lagged import OMEGA_METHODS, conv_omega_lagged, lagged_applies
+from ..omega_lagged import OMEGA_METHODS, conv_omega_lagged, lagged_applies, lagged_preferred
 from ..vocabulary import DampingMode, OmegaModel
 from .base import DEFAULT_MAX_FACTOR_DIM, KroneckerBlock, UnsupportedLayerError
 
@@ -43,9 +43,10 @@ class ConvBlock(KroneckerBlock):
     * **Omega method** (``omega_method``, per layer): ``"auto"`` computes a stride-1,
       one-group conv's ``Omega_hat`` from row-lagged products without the patch expansion
       (:func:`~kfcrun.curvature.omega_lagged.conv_omega_lagged`, the same matrix with about
-      ``1/kh`` of the flops) and every other conv by the patch GEMM; ``"patch"`` always
-      uses the patch GEMM; ``"lagged"`` insists on the row lags (an error where they do
-      not apply).
+      ``1/kh`` of the flops) when its input has enough channels to be faster
+      (:data:`~kfcrun.curvature.omega_lagged.MIN_LAG_ROWS`), and every other conv by the
+      patch GEMM; ``"patch"`` always uses the patch GEMM; ``"lagged"`` insists on the row
+      lags (an error where they do not apply).
     * **SUA** (``omega_model="sua"``): the spatially-uncorrelated-activations Omega of
       Theorem 4 (:func:`kron_math.conv_omega_sua`), for ``groups = 1`` and zero padding only.
 
@@ -124,7 +125,9 @@ class ConvBlock(KroneckerBlock):
                 f"a kernel of at least 2 and a full KFC Omega (got kernel {self.kernel_size}, "
                 f"stride {self.stride}, groups {self.groups}); use omega_method='auto'"
             )
-        return applies and self.omega_method != "patch"
+        if self.omega_method == "auto":
+            return applies and lagged_preferred(self.conv.in_channels // self.groups, self.kernel_size)
+        return applies and self.omega_method == "lagged"
 
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
         """``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` (or the SUA model) of the input as the layer pads it.
