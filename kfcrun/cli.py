@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from hydra.core.override_parser.types import Override
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kfcrun.errors import ConfigError, KfcrunError
+from kfcrun.errors import ConfigError, KfcrunError, TrainingDivergedError
 from kfcrun.resume import ResumeRequest, resumed_config
 from kfcrun.run_dir import (
     PlannedRunDir,
@@ -52,7 +53,17 @@ log = logging.getLogger("kfcrun")
 
 CONFIG_MODULE = "kfcrun.configs"
 CONFIG_NAME = "config"
-CONFIG_GROUPS = ("dataset", "model", "optimizer", "trainer", "logger", "experiment", "sweep", "debug")
+CONFIG_GROUPS = (
+    "dataset",
+    "model",
+    "optimizer",
+    "trainer",
+    "logger",
+    "experiment",
+    "sweep",
+    "debug",
+    "cluster",
+)
 
 # One id per process: two runs started in the same second get different directories.
 _RUN_UID = f"{os.getpid() % 100000:05d}{secrets.token_hex(2)}"
@@ -368,6 +379,7 @@ def run_task(cfg: DictConfig) -> float | None:
 
     A single run that fails before the trainer wrote anything leaves no directory behind.
     """
+    from kfcrun import launch
     from kfcrun.config import validate_config
     from kfcrun.signals import RunInterrupted
 
@@ -383,7 +395,8 @@ def run_task(cfg: DictConfig) -> float | None:
                 CONFIG_GROUPS,
             )
             cfg, run_dir, resume_overrides = request.cfg, request.run_dir, list(request.overrides)
-        elif cfg.task == "train":
+        elif cfg.task == "train" and not launch.is_follower():
+            # (a Slurm task other than rank 0 takes rank 0's decision: kfcrun.launch.share_job)
             cfg = _continue_if_requeued(cfg, run_dir)
         validate_config(cfg)
         if resume_overrides:
@@ -489,7 +502,40 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def _print_error(err: KfcrunError) -> None:
+    from kfcrun import launch
+
+    if launch.is_follower():
+        # Rank 0 reports what every rank agrees on (a signal, divergence, a lost rank) in one line.
+        from kfcrun.signals import RunInterrupted
+        from kfcrun.train import RankLostError
+
+        if isinstance(err, (RunInterrupted, TrainingDivergedError, RankLostError)):
+            return
+        print(f"kfcrun: rank {os.environ.get('RANK', '?')}: {err}", file=sys.stderr, flush=True)
+        return
     print(f"kfcrun: {err}", file=sys.stderr, flush=True)
+
+
+def _follow() -> None:
+    """A rank other than 0 under torchrun: no Hydra, no preflight; train rank 0's job."""
+    import warnings
+
+    from kfcrun import launch
+
+    warnings.filterwarnings("ignore")  # rank 0 shows the run's warnings once
+    logging.getLogger().setLevel(logging.ERROR)
+
+    def train_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+        try:
+            _train_task(cfg, run_dir, overrides)
+        except (KfcrunError, OSError) as err:
+            error = _user_error(err)
+            if error is None:
+                raise
+            _print_error(error)
+            sys.exit(error.exit_code)
+
+    launch.follow(train_job)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -497,6 +543,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     global PLANNED_RUN_DIR
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    from kfcrun import launch
+
+    if launch.launched_world_size() > 1:
+        launch.context()  # join the process group before anything else (every rank)
+        if launch.is_follower():
+            _follow()
+            return
+        try:
+            _refuse_sweep_under_torchrun(sys.argv[1:])
+            _main()
+        except SystemExit as stop:
+            launch.record_exit_code(stop.code if isinstance(stop.code, int) else 1)
+            raise
+        return
+    _main()
+
+
+def _refuse_sweep_under_torchrun(argv: Sequence[str]) -> None:
+    if "-m" in argv or "--multirun" in argv:
+        err = ConfigError(
+            "config error: -m (a sweep) under torchrun: every process would run every job; "
+            "fix: run the sweep with hydra/launcher=submitit_slurm (one data-parallel job per value), "
+            "or one torchrun per value"
+        )
+        _print_error(err)
+        sys.exit(err.exit_code)
+
+
+def _main() -> None:
+    """Preflight, then Hydra (a new run or sweep) or a resume (rank 0 of a data-parallel run too)."""
+    global PLANNED_RUN_DIR
     try:
         try:
             plan = preflight(sys.argv[1:])
@@ -513,6 +590,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C outside a run (while composing, importing): one line
         print("kfcrun: interrupted by SIGINT before the run started; nothing was written", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # `kfcrun --help | head`: the reader left. Point stdout at /dev/null so that Python's
+        # final flush does not fail again, and exit as a process killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     if FAILED_JOBS:
         print(f"kfcrun: {len(FAILED_JOBS)} sweep job(s) failed:", file=sys.stderr)
         for run_dir, message in FAILED_JOBS:

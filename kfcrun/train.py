@@ -21,6 +21,18 @@ checkpoint, from the config stored in it (:mod:`kfcrun.resume`); a signal stops 
 after the current step with a checkpoint (:mod:`kfcrun.signals`); a diverging loss,
 finite or not, stops it without overwriting the last good checkpoint
 (:mod:`kfcrun.divergence`).
+
+Data parallel (``torchrun``, Slurm tasks; :mod:`kfcrun.launch`, :mod:`kfcrun.distributed`):
+``trainer.batch_size`` is the global batch; every rank draws the same global batch from
+the epoch permutation and keeps its interleaved slice (rank ``r``: positions ``r, r+P, ...``,
+so ``batch_size`` must be a multiple of ``P``). The forward/backward runs through
+DistributedDataParallel (gradients averaged over ranks); KFC-pre's curvature is
+averaged, split and shared by its communicator. After every step ONE small all-reduce
+gives every rank the global mini-batch loss and whether any rank was signalled, so all
+ranks check divergence on the same numbers and stop at the same iteration. Only rank 0
+writes (config, ``run.json``, metrics, TensorBoard, checkpoints), shows progress and
+evaluates (on the whole evaluation sets; the others wait at the next step's all-reduce).
+A checkpoint holds the reduced state once; every rank reads it to resume.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import logging
 import math
 import random
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,9 +59,11 @@ from tqdm import tqdm
 from kfcrun.builders import build_model, build_optimizer
 from kfcrun.checkpoint import checkpoint_path, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kfcrun.data import DatasetConfig, DeviceBatches, ImageData, Preprocessor
+from kfcrun.distributed import DataParallelCurvatureComm, DistributedContext, wrap_data_parallel
 from kfcrun.divergence import DivergenceGuard, DivergenceSettings
-from kfcrun.errors import CheckpointError, ConfigError, TrainingDivergedError
+from kfcrun.errors import CheckpointError, ConfigError, KfcrunError, TrainingDivergedError
 from kfcrun.evaluate import evaluate
+from kfcrun.launch import context, share_job
 from kfcrun.logging import MetricsLogger, read_metrics, run_record, truncate_metrics, write_json
 from kfcrun.optim.constraints import apply_max_norm
 from kfcrun.optim.lr_schedule import apply_lr_factor, lr_factor
@@ -128,6 +143,25 @@ def total_iterations(cfg: DictConfig, batches_per_epoch: int) -> int:
     return min(limits)
 
 
+class _NoLogger:
+    """The metrics logger of ranks other than 0: they write nothing."""
+
+    def row(self, row: dict[str, Any]) -> None:
+        """Drop a metrics row."""
+
+    def scalars(self, values: dict[str, Any], step: int, train_time_s: float) -> None:
+        """Drop per-step scalars."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+class RankLostError(KfcrunError):
+    """Another rank of a data-parallel run died or became unreachable."""
+
+    exit_code = 4
+
+
 class Trainer:
     """One training run, as named phases.
 
@@ -148,12 +182,22 @@ class Trainer:
         run_dir: str | Path,
         stop: GracefulStop | None = None,
         resume_overrides: Sequence[str] = (),
+        ctx: DistributedContext | None = None,
     ) -> None:
         self.cfg = cfg
+        self.ctx = ctx
+        #: Rank 0 (or the only process): the one that writes, prints and evaluates.
+        self.is_main = ctx is None or ctx.is_main
+        self.world_size = 1 if ctx is None else ctx.world_size
+        self.rank = 0 if ctx is None else ctx.rank
         self.run_dir = Path(run_dir)
         self.settings: TrainerSettings = from_section(TrainerSettings, cfg.trainer)
         self.logger_settings: LoggerSettings = from_section(LoggerSettings, cfg.logger)
         self.device = resolve_device(self.settings.device)
+        if ctx is not None:
+            if self.device.type == "cuda":
+                self.device = ctx.device  # one GPU per local rank
+            ctx.device = self.device
         self.clock = Clock(self.device)
         self.iteration = 0
         self.resumed = cfg.resume is not None
@@ -183,6 +227,13 @@ class Trainer:
                 f"{len(data.train_images)} training examples of {data.source}; allowed: at most "
                 f"{len(data.train_images)}; fix: e.g. trainer.batch_size={min(128, len(data.train_images))}"
             )
+        if settings.batch_size % self.world_size:
+            fixed = max(self.world_size, settings.batch_size // self.world_size * self.world_size)
+            raise ConfigError(
+                f"config error: trainer.batch_size={settings.batch_size} (the global batch) is not a "
+                f"multiple of the {self.world_size} ranks; allowed: multiples of {self.world_size}; fix: "
+                f"trainer.batch_size={fixed}"
+            )
         self.preprocess: Preprocessor = dataset_config(cfg).preprocessor(data.train_images).to(device)
         self.batches = DeviceBatches(
             data.train_images.to(device), data.train_labels.to(device), settings.batch_size, seed=cfg.seed
@@ -211,6 +262,15 @@ class Trainer:
         self.optimizer: TrainingOptimizer = build_optimizer(
             cfg.optimizer, self.model, settings.batch_size, seed=cfg.seed
         )
+        #: The module the training forward runs through (DDP in a data-parallel run).
+        self.train_model: torch.nn.Module = self.model
+        if self.ctx is not None:
+            self.train_model = wrap_data_parallel(self.model, self.ctx)
+            distribute = getattr(self.optimizer, "distribute", None)  # optimizers with a curvature
+            if distribute is not None:
+                fraction = float(getattr(self.optimizer, "grad_worker_fraction", 1.0))
+                curvature = self.optimizer.curvature  # type: ignore[attr-defined]
+                distribute(DataParallelCurvatureComm(self.ctx, curvature.blocks, fraction))
         if settings.lr_schedule != "constant" and not getattr(self.optimizer, "supports_lr_schedule", True):
             raise ConfigError(
                 f"config error: trainer.lr_schedule={settings.lr_schedule} but optimizer "
@@ -242,11 +302,29 @@ class Trainer:
         self.iteration, self.clock.total_s = state["iteration"], state["train_time_s"]
         set_rng_state(state["rng"])
         self.guard.load_state_dict(state.get("divergence", {}))
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world_size and self.is_main:
+            log.warning(
+                "resuming a run checkpointed on %d rank(s) on %d: it continues correctly but is not "
+                "bit-identical to continuing on %d (sums over ranks are taken in a different order)",
+                saved_world,
+                self.world_size,
+                saved_world,
+            )
+        self.resumed_world_size = saved_world
+        metrics = self.run_dir / "metrics.jsonl"
+        if not self.is_main:
+            self.last_checkpoint = (self.iteration, self.checkpoint_file)
+            return
         if isinstance(state.get("config"), dict):
             write_config(self.run_dir, state["config"])
-        metrics = self.run_dir / "metrics.jsonl"
-        truncate_metrics(metrics, self.iteration)
-        rows = read_metrics(metrics) if metrics.exists() else []
+        try:
+            truncate_metrics(metrics, self.iteration)
+            rows = read_metrics(metrics) if metrics.exists() else []
+        except ValueError as err:  # a damaged line other than a torn last one: not ours to guess at
+            raise CheckpointError(
+                f"{err}; the checkpoint is intact; fix: repair or delete that line, then resume again"
+            ) from err
         self.last_row = rows[-1] if rows else {}
         self.last_checkpoint = (self.iteration, self.checkpoint_file)
         self._remember_checkpoint()
@@ -268,11 +346,12 @@ class Trainer:
         if self.iteration != 0 or self.optimizer.init_examples <= 0:
             return
         count = min(self.optimizer.init_examples, len(self.data.train_images))
+        count -= count % self.world_size  # equal shards of every batch (data parallel)
         with tqdm(
             total=count,
             unit="img",
             desc="initial curvature estimate",
-            disable=not self.settings.progress,
+            disable=not (self.settings.progress and self.is_main),
             file=sys.stderr,
             dynamic_ncols=True,
         ) as bar:
@@ -291,23 +370,32 @@ class Trainer:
         order = torch.randperm(len(images), generator=generator)[:count]
         size = self.settings.batch_size
         for start in range(0, count, size):
-            idx = order[start : start + size]
+            idx = order[start : start + size][self.rank :: self.world_size]  # this rank's slice
             yield self.preprocess(images[idx].to(self.device)), labels[idx].to(self.device)
-            bar.update(len(idx))  # after the optimizer has used the batch
+            bar.update(len(idx) * self.world_size)  # after the optimizer has used the batch
 
     # -- phase 4: the run's files ---------------------------------------------------------------
     def open_run_files(self) -> None:
         """Create the run's files: ``config.yaml`` (fresh runs), ``run.json``, the metrics logger.
 
         This is the first write of a fresh run: everything before it can fail without
-        leaving files behind. A resume appends its overrides to ``run.json``.
+        leaving files behind. A resume appends its overrides to ``run.json``. Ranks other
+        than 0 write nothing.
         """
+        if not self.is_main:
+            self.logger: MetricsLogger | _NoLogger = _NoLogger()
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self.resumed:
             write_config(self.run_dir, self._config())
         record = run_record(
             self.device,
-            {"run_dir": str(self.run_dir.resolve()), "max_iters": self.max_iters, "data": self.data.source},
+            {
+                "run_dir": str(self.run_dir.resolve()),
+                "max_iters": self.max_iters,
+                "data": self.data.source,
+                "world_size": self.world_size,
+            },
         )
         _update_run_json(
             self.run_dir,
@@ -335,7 +423,7 @@ class Trainer:
         bar = tqdm(
             total=self.max_iters,
             initial=self.iteration,
-            disable=not self.settings.progress,
+            disable=not (self.settings.progress and self.is_main),
             file=sys.stderr,
             dynamic_ncols=True,
             desc=self.cfg.name,
@@ -343,6 +431,8 @@ class Trainer:
         try:
             while self.iteration < self.max_iters and not self.out_of_time():
                 loss = self.train_step()
+                if self.ctx is not None:
+                    loss = self._agree_after_step(loss)
                 recent_losses.append(loss)
                 last = self.iteration == self.max_iters or self.out_of_time()
                 eval_due = self.iteration % self.eval_every == 0 or last
@@ -352,7 +442,7 @@ class Trainer:
                 if self.iteration % self.settings.log_every == 0 or eval_due or ckpt_due:
                     self.log_steps(torch.stack(recent_losses), bar, final=self.iteration == self.max_iters)
                     recent_losses.clear()
-                if eval_due:
+                if eval_due and self.is_main:
                     self.last_row = self.evaluation_row()
                     self.logger.row(self.last_row)
                     self._show(bar, loss)
@@ -366,9 +456,31 @@ class Trainer:
             self.logger.close()
         return self.last_row
 
+    def _agree_after_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """ONE all-reduce: the global mini-batch loss, and whether any rank was signalled.
+
+        Every rank then holds the same loss (the divergence guard decides alike everywhere)
+        and stops after the same step. Under ``trainer.max_train_seconds`` rank 0's clock
+        decides for all.
+        """
+        assert self.ctx is not None
+        budget_spent = float(self.is_main and self.out_of_time())
+        flags = torch.tensor(
+            [float(loss) / self.world_size, float(self.stop.requested is not None), budget_spent],
+            dtype=torch.float64,
+            device=self.device if self.device.type == "cuda" else torch.device("cpu"),
+        )
+        self.ctx.all_reduce(flags, "control")
+        if flags[1] > 0 and self.stop.requested is None:
+            self.stop.requested = signal.SIGTERM  # another rank was signalled: stop with it
+        self._budget_spent = bool(flags[2] > 0)
+        return flags[0].to(loss.dtype)
+
     def out_of_time(self) -> bool:
         """Whether ``trainer.max_train_seconds`` of training time are used up (a time budget)."""
         budget = self.settings.max_train_seconds
+        if self.ctx is not None and not self.is_main:
+            return getattr(self, "_budget_spent", False)
         return budget is not None and self.clock.total_s >= budget
 
     def train_step(self) -> torch.Tensor:
@@ -376,6 +488,8 @@ class Trainer:
         images, labels = next(self.batches)
         if self.augment is not None:  # a pure function of (seed, iteration): resumes bitwise
             images = self.augment(images, self.iteration + 1)
+        if self.world_size > 1:  # this rank's interleaved slice of the global batch
+            images, labels = images[self.rank :: self.world_size], labels[self.rank :: self.world_size]
         inputs = self.preprocess(images)  # data preparation stays off the training clock
         settings = self.settings
         if settings.lr_schedule != "constant":
@@ -389,7 +503,7 @@ class Trainer:
             apply_lr_factor(self.optimizer, factor)  # type: ignore[arg-type]
         self.clock.start()
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(inputs)
+        logits = self.train_model(inputs)
         loss = F.cross_entropy(logits, labels)
         backward = getattr(self.optimizer, "backward", None)
         if backward is not None:  # KFC-pre: may take the factor statistics from this pass first
@@ -410,6 +524,8 @@ class Trainer:
         The check is :class:`~kfcrun.divergence.DivergenceGuard`'s; ``final``: these are the run's last steps.
         """
         self.guard.observe(losses, self.iteration, final=final)
+        if not self.is_main:
+            return
         self.logger.scalars(
             {
                 "train/batch_loss": losses.mean(),
@@ -472,21 +588,24 @@ class Trainer:
             )
             return False
         config = self._config()
-        save_checkpoint(
-            self.checkpoint_file,
-            {
-                "iteration": self.iteration,
-                "train_time_s": self.clock.total_s,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "batches": self.batches.state_dict(),
-                "rng": rng_state(),
-                "divergence": self.guard.state_dict(),
-                "config": config,
-            },
-            # renamed right after the checkpoint; a resume rewrites it from the checkpoint's config
-            companions={config_file(self.run_dir): config_text(config)},
-        )
+        optimizer_state = self.optimizer.state_dict()  # data parallel: may be a collective
+        if self.is_main:
+            save_checkpoint(
+                self.checkpoint_file,
+                {
+                    "iteration": self.iteration,
+                    "train_time_s": self.clock.total_s,
+                    "model": self.model.state_dict(),
+                    "optimizer": optimizer_state,
+                    "batches": self.batches.state_dict(),
+                    "rng": rng_state(),
+                    "divergence": self.guard.state_dict(),
+                    "config": config,
+                    "world_size": self.world_size,
+                },
+                # renamed right after the checkpoint; a resume rewrites it from the checkpoint's config
+                companions={config_file(self.run_dir): config_text(config)},
+            )
         self.last_checkpoint = (self.iteration, self.checkpoint_file)
         self._remember_checkpoint()
         return True
@@ -555,15 +674,39 @@ def train(cfg: DictConfig, run_dir: str | Path, resume_overrides: Sequence[str] 
     SIGINT, SIGTERM and SIGUSR2 stop the run gracefully (:mod:`kfcrun.signals`):
     :class:`~kfcrun.signals.RunInterrupted` is raised after the checkpoint.
     """
+    ctx = context()
+    cfg, run_dir, overrides = share_job(cfg, Path(run_dir), list(resume_overrides))
     with GracefulStop() as stop:
-        trainer = Trainer(cfg, run_dir, stop=stop, resume_overrides=resume_overrides)
+        trainer = Trainer(cfg, run_dir, stop=stop, resume_overrides=overrides, ctx=ctx)
         trainer.setup()
         trainer.restore_or_start()
         trainer.initialize_optimizer()
         trainer.open_run_files()
-        row = trainer.fit()
-    print(trainer.summary_line(), flush=True)
+        try:
+            row = trainer.fit()
+        except (RuntimeError, ConnectionError) as err:
+            if ctx is None or isinstance(err, KfcrunError) or not _lost_peer(err):
+                raise
+            raise RankLostError(
+                f"rank {ctx.rank} lost contact with another rank at iteration {trainer.iteration} "
+                f"({_first_line(err)}): a rank died or was killed; {_where(trainer.last_checkpoint)}; "
+                f"resume with: {trainer.resume_command()}"
+            ) from err
+    if trainer.is_main:
+        print(trainer.summary_line(), flush=True)
     return row
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because a peer process went away."""
+    text = f"{type(err).__name__} {err}".lower()
+    markers = ("connection", "closed", "reset by peer", "broken pipe", "timed out", "timeout", "gloo", "nccl")
+    return "distbackenderror" in text or any(m in text for m in markers)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:160]
 
 
 def _loss_closure(

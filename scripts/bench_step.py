@@ -136,7 +136,8 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
         else:
             loss.backward()
         closure = (lambda: F.cross_entropy(model(x), y)) if opt.needs_closure else None
-        opt.step(closure, inputs=x)
+        # as the runner does: its optimizers are built with record_inputs=False (kfcrun.builders)
+        opt.step(closure, inputs=x, targets=y if opt.needs_labels else None)
         synchronize(device)
         return time.perf_counter() - start
 

@@ -5,17 +5,19 @@
 # everything is short:
 #
 #   1. learning-rate sweeps, SWEEP_ITERS iterations per job, best by final training NLL on a
-#      fixed 2,000-image training subset (training error is still near chance this early);
+#      fixed EVAL_SIZE-image training subset (training error is still near chance this early);
+#      a grid of one value (e.g. KFC_GRID=0.1) skips the sweep and uses that lr;
 #   2. one run per optimizer at its best lr for BUDGET_S seconds of training time
-#      (trainer.max_train_seconds), evaluated every EVAL_EVERY iterations on 2,000 training and
-#      2,000 test images; constant lr (a cosine schedule would need the run's length, which a
+#      (trainer.max_train_seconds), evaluated every EVAL_EVERY iterations on EVAL_SIZE training
+#      and EVAL_SIZE test images (fixed random subsets); constant lr (a cosine schedule would need the run's length, which a
 #      time budget does not fix) and no iterate averaging (the budget is < 1 epoch, and the
 #      paper's one-epoch average would mostly be the initial weights); these runs hold the
 #      measurement lock (flock /tmp/kfcrun-measure.lock), so no other timed job overlaps;
 #   3. the report (time and iterations to given errors) and the figures.
 #
 # Usage: scripts/resnet18_cpu.sh      Environment: KFCRUN_CIFAR10_DIR, OUT, BUDGET_S, SWEEP_ITERS,
-#        EVAL_EVERY, THREADS, OPTIMIZERS ("sgd kfc" or "sgd kfc kfac"), PYTHON.
+#        EVAL_EVERY, EVAL_SIZE, THREADS, OPTIMIZERS ("sgd kfc" or "sgd kfc kfac"), PYTHON,
+#        SGD_GRID, KFC_GRID, KFAC_GRID (comma-separated lrs).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,6 +28,7 @@ OUT="${OUT:-$ROOT/outputs/resnet18_cpu/$(date +%Y-%m-%d_%H-%M-%S)}"
 BUDGET_S="${BUDGET_S:-1200}"
 SWEEP_ITERS="${SWEEP_ITERS:-30}"
 EVAL_EVERY="${EVAL_EVERY:-10}"
+EVAL_SIZE="${EVAL_SIZE:-2000}"
 THREADS="${THREADS:-2}"
 OPTIMIZERS="${OPTIMIZERS:-sgd kfc}"
 LOCK="${LOCK:-/tmp/kfcrun-measure.lock}"
@@ -36,7 +39,7 @@ if [ ! -d "$DATA/train" ] && [ ! -d "$DATA/cifar-10-batches-py" ]; then
 fi
 mkdir -p "$OUT"
 COMMON=(dataset.root="$DATA" trainer.progress=false trainer.threads="$THREADS" trainer.max_epochs=null
-        trainer.train_eval_size=2000 trainer.test_eval_size=2000 trainer.eval_current=false
+        trainer.train_eval_size="$EVAL_SIZE" trainer.test_eval_size="$EVAL_SIZE" trainer.eval_current=false
         trainer.checkpoint_every=null trainer.lr_schedule=constant optimizer.avg_timescale=null)
 # KFC-pre / K-FAC cost settings for a budget of minutes: the initial estimate on 512 images
 # (on the clock), statistics every 10 and inverses every 20 iterations (cifar10_kfc's T_s, T_f).
@@ -54,10 +57,15 @@ print(OmegaConf.select(OmegaConf.load(f"{best['path']}/config.yaml"), "optimizer
 PY
 }
 
-declare -A GRID=([sgd]="0.3,0.1,0.03" [kfc]="0.3,0.1,0.03" [kfac]="1.0")
+declare -A GRID=([sgd]="${SGD_GRID:-0.3,0.1,0.03}" [kfc]="${KFC_GRID:-0.3,0.1,0.03}" [kfac]="${KFAC_GRID:-1.0}")
 declare -A EXTRA=([sgd]="" [kfc]="${CURVATURE[*]}" [kfac]="${CURVATURE[*]}")
 declare -A BEST
 for opt in $OPTIMIZERS; do
+  if [[ "${GRID[$opt]}" != *,* ]]; then
+    BEST[$opt]="${GRID[$opt]}"
+    say "1/3 $opt: one lr given (${GRID[$opt]}), no sweep"
+    continue
+  fi
   say "1/3 learning-rate sweep, $opt, ${SWEEP_ITERS} iterations per job: lr in {${GRID[$opt]}}"
   # shellcheck disable=SC2086
   "${KFCRUN[@]}" -m experiment=cifar10_resnet18_"$opt" "${COMMON[@]}" ${EXTRA[$opt]} \

@@ -135,16 +135,16 @@ def test_exact_damping_warns_once_when_below_the_rounding_level():
     gamma = torch.diag(torch.tensor([1e-1, 1e-2]))
     block = EigenInverse("conv1", 3, 2)
     with pytest.warns(KFCCurvatureWarning, match=r"'conv1'.*ill-conditioned.*condition number 1e\+14"):
-        block.prepare(omega, gamma, [1e-12], torch.float64)
+        block.prepare((omega, gamma), [1e-12], torch.float64)
         block.commit([True])
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        block.prepare(omega, gamma, [1e-12], torch.float64)
+        block.prepare((omega, gamma), [1e-12], torch.float64)
         block.commit([True])  # once per layer
         fine = EigenInverse("conv2", 3, 2)
-        fine.prepare(omega, gamma, [1e-3], torch.float64)
+        fine.prepare((omega, gamma), [1e-3], torch.float64)
         fine.commit([True])
     # the threshold is 1/eps of the stored dtype: 100 / 1e-3 = 1e5 is fine in float32, not in float16
     assert fine.check_conditioning(

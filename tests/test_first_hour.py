@@ -121,6 +121,22 @@ def test_help_is_kfcruns(tmp_path: Path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_help_into_a_closed_pipe_is_quiet(tmp_path: Path):
+    """`kfcrun --help | head -3` printed a BrokenPipeError traceback once head had left."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kfcrun", "--help"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # the reader is gone before kfcrun prints (it takes a second to start)
+    _, stderr = proc.communicate(timeout=120)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a shell reports a reader that left early
+
+
 def test_initial_curvature_estimate_shows_a_progress_bar(tmp_path: Path, cache_dir: Path, capsys):
     """Issue 9, item 6: `kfcrun experiment=cifar10_kfc` sat silent for ~84 s while estimating the factors."""
     cfg = smoke_config(cache_dir, *TINY, *KFC_TINY, "trainer.progress=true", "optimizer.init_examples=96")

@@ -25,6 +25,19 @@ def test_every_config_group_folder_is_a_listed_package():
     assert all(setuptools["package-data"].get(group) == ["*.yaml"] for group in groups)
 
 
+def test_every_python_package_is_listed():
+    """A sub-package missing from the explicit list would be left out of the wheel (an import error there)."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    listed = set(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    source = REPO_ROOT / "kfcrun"
+    found = {
+        ".".join(("kfcrun", *init.parent.relative_to(source).parts))
+        for init in source.rglob("__init__.py")
+        if "configs" not in init.relative_to(source).parts  # the config packages are checked above
+    }
+    assert found - listed == set(), f"add to [tool.setuptools] packages: {sorted(found - listed)}"
+
+
 def test_wheel_install_finds_its_configs(tmp_path: Path, cache_dir: Path):
     wheels = tmp_path / "wheels"
     build = subprocess.run(

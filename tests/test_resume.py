@@ -55,7 +55,15 @@ def test_resume_remembers_its_overrides_after_a_kill(tmp_path: Path, cache_dir: 
     assert first.returncode == 0, first.stderr
 
     extended = kfcrun_process([f"resume={run}", "trainer.max_iters=40"], tmp_path, cache_dir)
-    wait_until(extended, lambda: checkpoint_iteration(run) >= 15)
+    # Kill once config.yaml is renamed too (microseconds after last.pt, but a loaded machine can
+    # stall the process between the two renames; that window is repaired on resume, tested below).
+    # Before the fix config.yaml never followed the resume's override: this wait timed out.
+    wait_until(
+        extended,
+        lambda: (
+            checkpoint_iteration(run) >= 15 and OmegaConf.load(run / "config.yaml").trainer.max_iters == 40
+        ),
+    )
     extended.send_signal(signal.SIGKILL)
     extended.communicate()
     killed_at = checkpoint_iteration(run)
@@ -75,6 +83,23 @@ def test_resume_remembers_its_overrides_after_a_kill(tmp_path: Path, cache_dir: 
     assert [r["iter"] for r in read_metrics(run)] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert OmegaConf.load(run / "config.yaml").trainer.max_iters == 40
     assert json.loads((run / "run.json").read_text())["resumes"][1]["overrides"] == ["trainer.progress=false"]
+    # Issue 9, item 7: a resume runs in the run's own directory; it used to leave an outputs/<date>/ stub
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_resume_repairs_a_config_yaml_older_than_the_checkpoint(
+    tmp_path: Path, cache_dir: Path, sgd_run: Path
+):
+    """A kill between the renames of last.pt and config.yaml leaves an older config.yaml; resume fixes it."""
+    run = copy_run(sgd_run, tmp_path)
+    stale = OmegaConf.load(run / "config.yaml")
+    stale.trainer.max_iters = 2
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(stale))
+    result = run_cli([f"resume={run}"], tmp_path, cache_dir)
+    assert result.returncode == 0, result.stderr
+    assert "done: 4 iterations" in result.stdout  # the checkpoint's config, not the stale file, is the base
+    saved = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
+    assert saved == load_checkpoint(run / "checkpoints" / "last.pt")["config"]
 
 
 @pytest.mark.parametrize(
@@ -154,12 +179,19 @@ def test_torn_last_lines_are_dropped_and_reported(tmp_path: Path, cache_dir: Pat
     assert (run / "metrics.jsonl").read_text().endswith("}\n")
 
 
-def test_a_damaged_metrics_line_is_an_error_naming_it(tmp_path: Path, sgd_run: Path):
+def test_a_damaged_metrics_line_is_an_error_naming_it(tmp_path: Path, cache_dir: Path, sgd_run: Path):
     run = copy_run(sgd_run, tmp_path)
     text = (run / "metrics.jsonl").read_text()
     (run / "metrics.jsonl").write_text("{broken\n" + text)
     with pytest.raises(ValueError, match=r"metrics\.jsonl:1 is not a JSON row"):
         read_metrics(run)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    # on resume: one line, not a traceback
+    result = run_cli([f"resume={run}", "trainer.max_iters=6"], tmp_path, cache_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = kfcrun_lines(result.stderr)
+    assert len(lines) == 1 and "metrics.jsonl:1 is not a JSON row" in lines[0] and "fix:" in lines[0]
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
 def test_a_run_saved_before_the_divergence_section_resumes(tmp_path: Path, sgd_run: Path):

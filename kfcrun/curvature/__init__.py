@@ -59,18 +59,22 @@ from .inverses import DampedInverse, EigenInverse, KroneckerInverse, PiCholeskyI
 from .kfc_curvature import InverseUpdate, KFCCurvature, MicroBatches, StatisticsUpdate
 from .likelihoods import LIKELIHOODS, Bernoulli, Gaussian, Likelihood, SoftmaxCrossEntropy, make_likelihood
 from .omega_lagged import OMEGA_METHODS
+from .parallel import CurvatureComm
 from .schedule import CurvatureSchedule
+from .sharding import BatchShard, ExampleDraws
 from .vocabulary import DampingMode, FisherType, OmegaModel
 
 __all__ = [
     "DEFAULT_MAX_FACTOR_DIM",
     "LIKELIHOODS",
     "OMEGA_METHODS",
+    "BatchShard",
     "Bernoulli",
     "Conv1dBlock",
     "Conv2dBlock",
     "ConvBlock",
     "CurvatureBlock",
+    "CurvatureComm",
     "CurvatureSchedule",
     "DampedInverse",
     "DampingMode",
@@ -78,6 +82,7 @@ __all__ = [
     "EmbeddingBlock",
     "Estimate",
     "EstimateAccumulator",
+    "ExampleDraws",
     "FisherType",
     "Gaussian",
     "InverseUpdate",

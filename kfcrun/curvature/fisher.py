@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .likelihoods import Likelihood, SoftmaxCrossEntropy, make_likelihood
+from .sharding import ExampleDraws
 from .vocabulary import FisherType
 
 __all__ = [
@@ -77,7 +78,7 @@ def make_loss_fn(
     fisher_type: FisherType | str,
     *,
     targets: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | ExampleDraws | None = None,
     likelihood: Likelihood | str = _SOFTMAX,
 ) -> LossFn:
     """The loss function for ``fisher_type`` and ``likelihood`` (see the module docstring).

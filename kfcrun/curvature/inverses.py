@@ -59,7 +59,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -78,6 +78,10 @@ __all__ = [
     "UnitwiseInverse",
     "make_inverse",
 ]
+
+
+#: Attributes holding the other damping candidates of the last fit (see ``update_inverses``).
+_CANDIDATE_KEYS = ("_extra", "_extra_totals")
 
 
 class DampedInverse(ABC):
@@ -143,6 +147,25 @@ class DampedInverse(ABC):
         for key in self.state_keys:
             value = state.get(key)
             setattr(self, key, None if value is None else value.detach().clone().to(device))
+
+    def fitted_state(self) -> dict[str, Any]:
+        """Everything a solve reads: the committed tensors and the other damping candidates' fits."""
+        extras = {key: getattr(self, key) for key in _CANDIDATE_KEYS if hasattr(self, key)}
+        return {**{key: getattr(self, key) for key in self.state_keys}, **extras}
+
+    def load_fitted_state(self, state: dict[str, Any]) -> None:
+        """Install :meth:`fitted_state` output of another process (tensors used as given)."""
+        for key in self.state_keys:
+            setattr(self, key, state.get(key))
+        for key in _CANDIDATE_KEYS:
+            setattr(self, key, list(state.get(key, [])))
+
+    def release(self) -> None:
+        """Drop the fit (memory): :attr:`ready` is false until the next fit or load."""
+        for key in self.state_keys:
+            setattr(self, key, None)
+        for key in _CANDIDATE_KEYS:
+            setattr(self, key, [])
 
     def _keep_previous(
         self, total: float, store: torch.dtype, device: torch.device, reason: str = ""

@@ -70,6 +70,8 @@ from .diagnostics import KFCCurvatureWarning, warn
 from .factors import EstimateAccumulator, block_estimates, pass_estimates
 from .fisher import make_loss_fn
 from .likelihoods import Likelihood, make_likelihood
+from .parallel import CurvatureComm
+from .sharding import ExampleDraws
 from .vocabulary import DampingMode, FisherType, OmegaModel
 
 __all__ = ["InverseUpdate", "KFCCurvature", "KFCCurvatureWarning", "MicroBatches", "StatisticsUpdate"]
@@ -221,6 +223,8 @@ class KFCCurvature:
         # start_inverses(): (future, {name: (inverse copy, factors)}, CUDA side stream or None)
         self._inverse_job: tuple[Future[InverseUpdate], dict[str, tuple[Any, Estimate]], Any] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        #: Data-parallel communicator (:mod:`kfcrun.curvature.parallel`); ``None``: one process.
+        self.comm: CurvatureComm | None = None
 
     @property
     def has_statistics(self) -> bool:
@@ -243,6 +247,7 @@ class KFCCurvature:
         targets: MicroBatches | None = None,
         *,
         generator: torch.Generator | None = None,
+        global_examples: int | None = None,
     ) -> dict[str, Estimate]:
         """``{name: estimate}`` (Eqn 32; ``(Omega_hat, Gamma_hat)`` for Kronecker blocks), not folded in.
 
@@ -252,8 +257,21 @@ class KFCCurvature:
         Targets: sampled from the model with ``generator`` (``"sampled"``), the expectation
         (``"expected"``) or ``targets`` (``"empirical"``, required then; also required by a
         likelihood that masks positions).
+
+        Data parallel (:attr:`comm` set): ``inputs`` are this rank's examples of a global
+        subset of ``global_examples`` (default: equal shards, ``P`` times the local count),
+        dealt out interleaved (:class:`~kfcrun.curvature.sharding.BatchShard`); sampled
+        targets are drawn by global example index, so they do not depend on ``P``.
         """
         batches = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+        if self.comm is not None and not self.comm.shard.single:
+            if len(batches) != 1:
+                raise ValueError("kfc: data-parallel statistics take one batch per rank, not micro-batches")
+            local = batches[0].shape[0]
+            total = self.comm.shard.global_batch(local) if global_examples is None else global_examples
+            draws = ExampleDraws(generator, self.comm.shard, total)
+            label = None if targets is None else (targets if isinstance(targets, Tensor) else targets[0])
+            return self._estimate_one(batches[0], label, draws)
         labels: list[Tensor | None]
         if targets is None:
             labels = [None] * len(batches)
@@ -269,7 +287,7 @@ class KFCCurvature:
         return accumulator.result()
 
     def _estimate_one(
-        self, inputs: Tensor, targets: Tensor | None, generator: torch.Generator | None
+        self, inputs: Tensor, targets: Tensor | None, generator: torch.Generator | ExampleDraws | None
     ) -> dict[str, Estimate]:
         loss_fn = make_loss_fn(
             self.fisher_type, targets=targets, generator=generator, likelihood=self.likelihood
@@ -395,11 +413,23 @@ class KFCCurvature:
         *,
         generator: torch.Generator | None = None,
         init: bool = False,
+        global_examples: int | None = None,
     ) -> StatisticsUpdate:
-        """:meth:`estimate_statistics` on a batch (or micro-batches), then :meth:`fold_statistics`."""
+        """:meth:`estimate_statistics` on a batch (or micro-batches), then :meth:`fold_statistics`.
+
+        Data parallel: between the two, :meth:`CurvatureComm.reduce_estimates` averages the
+        estimates over the ``global_examples`` of all ranks (ONE all-reduce), so the factors
+        are those of one process with the whole subset.
+        """
         start = time.perf_counter()
-        estimates = self.estimate_statistics(inputs, targets, generator=generator)
+        estimates = self.estimate_statistics(
+            inputs, targets, generator=generator, global_examples=global_examples
+        )
         examples = inputs.shape[0] if isinstance(inputs, Tensor) else sum(x.shape[0] for x in inputs)
+        if self.comm is not None and not self.comm.shard.single:
+            total = self.comm.shard.global_batch(examples) if global_examples is None else global_examples
+            estimates = self.comm.reduce_estimates(estimates, examples, total)
+            examples = total
         nonfinite = self.fold_statistics(estimates, init=init, examples=examples)
         return StatisticsUpdate(examples, nonfinite, time.perf_counter() - start)
 
@@ -450,16 +480,18 @@ class KFCCurvature:
         """
         start = time.perf_counter()
         totals = self._damping_totals(damping, weight_decay)
-        pending = {
-            name: block.prepare_inverse(totals[name], self.inverse_dtype)
-            for name, block in self.blocks.items()
-        }
+        mine = self.owned_blocks()
+        pending = {name: mine[name].prepare_inverse(totals[name], self.inverse_dtype) for name in mine}
         flags = _read_flags(list(pending.values()))
         result = InverseUpdate()
-        for (name, block), block_flags in zip(self.blocks.items(), flags, strict=True):
+        for block, block_flags in zip(mine.values(), flags, strict=True):
             result.nonfinite += int(not block_flags[0])
             block.inverse.commit(block_flags)
-            result.summaries[name] = block.inverse.summary()
+        if self.comm is not None and not self.comm.solve_on_owner:
+            self.comm.share_inverses(self.blocks, list(self.blocks))
+        for name, block in self.blocks.items():
+            if block.inverse.ready:
+                result.summaries[name] = block.inverse.summary()
         self.num_inverse_updates += 1
         result.seconds = time.perf_counter() - start
         return result
@@ -470,8 +502,9 @@ class KFCCurvature:
         Afterwards ``precondition(..., index=0)`` solves with that candidate and the other
         candidates are gone. No new decomposition: the candidates were fitted together.
         """
-        for block in self.blocks.values():
-            block.inverse.select(index)
+        for name, block in self.blocks.items():
+            if block.inverse.ready or self.owns(name):  # (data parallel: others' fits may be elsewhere)
+                block.inverse.select(index)
 
     def start_inverses(
         self, damping: float | Sequence[float], weight_decay: Mapping[str, float] | float
@@ -490,6 +523,13 @@ class KFCCurvature:
         """
         if self._inverse_job is not None:
             raise RuntimeError("kfc: start_inverses() while a fit is pending; call finish_inverses() first")
+        # Background fits and data parallelism's owner-based fits (update_inverses: each rank fits
+        # its own blocks, then inverses are shared or gathered, both collectives) are not combined:
+        # the simplest correct rule is to refuse here; the optimizer refuses async_inverses earlier.
+        if self.comm is not None:
+            raise RuntimeError(
+                "kfc: start_inverses() (async_inverses) is not supported data parallel; use update_inverses()"
+            )
         totals = self._damping_totals(damping, weight_decay)
         work = {
             name: (copy.copy(block.inverse), block.factors_or_zero()) for name, block in self.blocks.items()
@@ -553,13 +593,34 @@ class KFCCurvature:
         picks the damping candidate of the last ``update_inverses``. Returns tensors of
         the same shape and dtype as the inputs.
         """
-        out: dict[str, Tensor] = {}
-        for name, grad in grads.items():
-            block = self.blocks.get(name)
-            if block is None:
-                raise KeyError(f"kfc: no KFC layer named {name!r}; known: {list(self.blocks)}")
-            out[name] = block.solve(grad, index)
-        return out
+        unknown = [name for name in grads if name not in self.blocks]
+        if unknown:
+            raise KeyError(f"kfc: no KFC layer named {unknown[0]!r}; known: {list(self.blocks)}")
+        if self.comm is not None and self.comm.solve_on_owner:
+            mine = {name: self.blocks[name].solve(g, index) for name, g in grads.items() if self.owns(name)}
+            return self.comm.share_solutions(mine, grads)
+        return {name: self.blocks[name].solve(grad, index) for name, grad in grads.items()}
+
+    # -- data parallelism ---------------------------------------------------------------------
+    def owns(self, name: str) -> bool:
+        """Whether this rank fits block ``name``'s inverse (always, in one process)."""
+        return self.comm is None or self.comm.owner(name) == self.comm.rank
+
+    def owned_blocks(self) -> dict[str, CurvatureBlock]:
+        """The blocks whose inverses this rank fits (all of them in one process)."""
+        return {name: block for name, block in self.blocks.items() if self.owns(name)}
+
+    def gather_inverses(self) -> None:
+        """Give every rank every fitted inverse (collective: for checkpoints with ``solve_on_owner``)."""
+        if self.comm is not None and self.comm.solve_on_owner and self.has_inverses:
+            self.comm.share_inverses(self.blocks, list(self.blocks))
+
+    def release_foreign_inverses(self) -> None:
+        """Drop the inverses of blocks another rank owns (``solve_on_owner``: they are never used here)."""
+        if self.comm is not None and self.comm.solve_on_owner:
+            for name, block in self.blocks.items():
+                if not self.owns(name):
+                    block.inverse.release()
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -567,7 +628,10 @@ class KFCCurvature:
 
         A :meth:`start_inverses` job still pending is waited for (not installed) and saved
         as ``pending_inverses``, so that a resumed run installs it at the same step.
+        Data parallel with ``solve_on_owner``: a collective (every rank must call it), since
+        each rank holds only its own blocks' inverses; the state holds all of them.
         """
+        self.gather_inverses()
         state = {
             "format": _STATE_FORMAT,
             "damping_mode": self.damping_mode.value,
@@ -584,6 +648,7 @@ class KFCCurvature:
             future, work, _ = self._inverse_job
             future.result()
             state["pending_inverses"] = {name: inverse.state_dict() for name, (inverse, _) in work.items()}
+        self.release_foreign_inverses()
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -617,6 +682,7 @@ class KFCCurvature:
         self.init_examples = int(state_dict.get("init_examples", 0))
         self.statistics_count = int(state_dict.get("statistics_count", 0))
         self.last_decay = float(state_dict.get("last_decay", self.stat_decay))
+        self.release_foreign_inverses()
 
 
 def _omega_methods(omega_method: str | Mapping[str, str], layers: Mapping[str, nn.Module]) -> dict[str, str]:

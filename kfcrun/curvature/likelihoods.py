@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .sharding import ExampleDraws, as_draws
+
 __all__ = [
     "LIKELIHOODS",
     "Bernoulli",
@@ -54,16 +56,18 @@ def _float(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def inverse_cdf_sample(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def inverse_cdf_sample(probs: Tensor, uniforms: Tensor) -> Tensor:
     """One draw per row of ``probs`` ``(rows, C)`` (nonnegative, any positive row sum): int64 ``(rows,)``.
 
-    ``cdf = cumsum(probs)``; with ``u ~ U[0, 1)`` the draw is the first ``c`` with
-    ``cdf_c > u cdf_C``, i.e. ``P(y = c) = p_c / sum(p)``. Clamped to ``C - 1`` against
-    rounding at the top. Device-side only: no host synchronization.
+    ``cdf = cumsum(probs)``; with ``uniforms`` ``u ~ U[0, 1)`` (``rows`` values, any shape) the
+    draw is the first ``c`` with ``cdf_c > u cdf_C``, i.e. ``P(y = c) = p_c / sum(p)``. Clamped
+    to ``C - 1`` against rounding at the top. Device-side only: no host synchronization. The
+    uniforms are the caller's so that they can be indexed by global example
+    (:class:`~kfcrun.curvature.sharding.ExampleDraws`).
     """
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)
-    draws = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).squeeze(1)
+    scaled = (uniforms.reshape(-1, 1).to(cdf.dtype) * cdf[:, -1:]).contiguous()
+    draws = torch.searchsorted(cdf, scaled, right=True).squeeze(1)
     return draws.clamp_(max=probs.shape[-1] - 1)
 
 
@@ -80,9 +84,17 @@ class Likelihood(ABC):
 
     @abstractmethod
     def sample(
-        self, output: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
+        self,
+        output: Tensor,
+        generator: torch.Generator | ExampleDraws | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
-        """Targets drawn from ``p(. | output)`` without gradient (``labels`` only supply a mask)."""
+        """Targets drawn from ``p(. | output)`` without gradient (``labels`` only supply a mask).
+
+        ``generator`` is a seeded generator, or :class:`~kfcrun.curvature.sharding.ExampleDraws`
+        that draws for the whole global batch and keeps this rank's rows (data parallelism:
+        the targets of an example do not depend on the number of ranks).
+        """
 
     @abstractmethod
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
@@ -173,7 +185,10 @@ class SoftmaxCrossEntropy(Likelihood):
         return (labels != self.ignore_index).reshape(-1)
 
     def sample(
-        self, output: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
+        self,
+        output: Tensor,
+        generator: torch.Generator | ExampleDraws | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """``y ~ Categorical(softmax(output))`` per position (int64), ``ignore_index`` where masked.
 
@@ -183,7 +198,9 @@ class SoftmaxCrossEntropy(Likelihood):
         ``torch.cuda.set_sync_debug_mode("error")``).
         """
         probs = torch.softmax(_float(self._rows(output.detach())), dim=-1)
-        draws = inverse_cdf_sample(probs, generator)
+        # one uniform per position, indexed by global example (world-size independent)
+        uniforms = as_draws(generator).uniform(self._target_shape(output), probs.dtype, probs.device)
+        draws = inverse_cdf_sample(probs, uniforms)
         mask = self._mask(output, labels)
         if mask is not None:
             draws = torch.where(mask, draws, torch.full_like(draws, self.ignore_index))  # type: ignore[arg-type]
@@ -244,11 +261,14 @@ class Gaussian(Likelihood):
     name = "gaussian"
 
     def sample(
-        self, output: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
+        self,
+        output: Tensor,
+        generator: torch.Generator | ExampleDraws | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """``y = f + eps``, ``eps ~ N(0, I)``."""
         f = output.detach()
-        noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
+        noise = as_draws(generator).normal(tuple(f.shape), f.dtype, f.device)
         return f + noise
 
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
@@ -276,11 +296,15 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
 
     def sample(
-        self, output: Tensor, generator: torch.Generator | None = None, labels: Tensor | None = None
+        self,
+        output: Tensor,
+        generator: torch.Generator | ExampleDraws | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """``y ~ Bernoulli(sigmoid(f))`` as floats in ``{0, 1}``."""
         p = torch.sigmoid(_float(output.detach()))
-        return torch.bernoulli(p, generator=generator).to(output.dtype)
+        uniforms = as_draws(generator).uniform(tuple(p.shape), p.dtype, p.device)
+        return (uniforms < p).to(output.dtype)
 
     def nll_sum(self, output: Tensor, targets: Tensor) -> Tensor:
         """``F.binary_cross_entropy_with_logits(f, y, reduction="sum")``."""

@@ -38,6 +38,7 @@ __all__ = [
     "leading_fraction",
     "micro_batches",
     "precondition_parameters",
+    "sharded_leading",
     "subset_size",
 ]
 
@@ -74,6 +75,32 @@ def leading_fraction(
     inputs = [x[:n] for x, n in zip(batches, sizes, strict=True)]
     labels = None if targets is None else [y[:n] for y, n in zip(targets, sizes, strict=True)]
     return inputs, labels
+
+
+def sharded_leading(
+    curvature: KFCCurvature, batches: Batches, targets: Batches | None, fraction: float
+) -> tuple[Batches, Batches | None, int | None]:
+    """This rank's part of the leading ``ceil(f B)`` examples of the GLOBAL batch, and that global count.
+
+    One process: :func:`leading_fraction` and ``None``. Data parallel (one batch per rank,
+    equal shards dealt out interleaved, :class:`~kfcrun.curvature.sharding.BatchShard`):
+    the subset is the same set of global examples whatever the number of ranks.
+    """
+    comm = curvature.comm
+    if comm is None or comm.shard.single:
+        inputs, labels = leading_fraction(batches, targets, fraction)
+        return inputs, labels, None
+    if len(batches) != 1:
+        raise ValueError("data-parallel KFC takes one batch per rank and step, not micro-batches")
+    shard = comm.shard
+    total = subset_size(fraction, shard.global_batch(batches[0].shape[0]))
+    if total < shard.world_size:
+        raise ValueError(
+            f"kfc: a subset of {total} examples cannot be spread over {shard.world_size} ranks; "
+            "raise the fraction or the batch size"
+        )
+    local = shard.local_count(total)
+    return [batches[0][:local]], None if targets is None else [targets[0][:local]], total
 
 
 def leading_examples(batches: Batches, targets: Batches | None, count: int) -> tuple[Batches, Batches | None]:
@@ -146,10 +173,16 @@ class CurvatureRefresher:
         self._pass = EstimateAccumulator()
         self._pass_examples = 0
 
-    def _statistics(self, batches: Batches, targets: Batches | None, *, init: bool) -> None:
-        """The training pass's estimates if there are any, else a statistics pass on ``batches``."""
+    def _statistics(
+        self, batches: Batches, targets: Batches | None, *, init: bool, global_examples: int | None = None
+    ) -> None:
+        """The training pass's estimates if there are any, else a statistics pass on ``batches``.
+
+        Training-pass estimates are never handed over data parallel (see ``KFCOptimizerBase.backward``),
+        so ``global_examples`` only concerns the separate pass.
+        """
         if not self._pass:
-            self.update_statistics(batches, targets, init=init)
+            self.update_statistics(batches, targets, init=init, global_examples=global_examples)
             return
         with self.timer("statistics"):
             nonfinite = self.curvature.fold_statistics(
@@ -171,10 +204,17 @@ class CurvatureRefresher:
         """Whether the damped inverses exist."""
         return self.curvature.has_inverses
 
-    def update_statistics(self, batches: Batches, targets: Batches | None, *, init: bool) -> None:
-        """Estimate on all of ``batches`` (micro-batch by micro-batch) and fold in (Eqn 33, or init)."""
+    def update_statistics(
+        self, batches: Batches, targets: Batches | None, *, init: bool, global_examples: int | None = None
+    ) -> None:
+        """Estimate on all of ``batches`` (micro-batch by micro-batch) and fold in (Eqn 33, or init).
+
+        Data parallel: ``batches`` are this rank's ``global_examples`` (default: equal shards).
+        """
         with self.timer("statistics"), self.recorder.paused(), torch.enable_grad():
-            update = self.curvature.update_statistics(batches, targets, generator=self.generator, init=init)
+            update = self.curvature.update_statistics(
+                batches, targets, generator=self.generator, init=init, global_examples=global_examples
+            )
         self.health["stats_nonfinite"] = update.nonfinite
 
     def update_inverses(self, damping: float | Sequence[float], weight_decays: Mapping[str, float]) -> None:
@@ -220,14 +260,14 @@ class CurvatureRefresher:
         returning the damping value(s) to fit, called only when the inverses are refitted.
         Returns whether they were.
         """
-        inputs, labels = leading_fraction(batches, targets, self.stats_fraction)
+        inputs, labels, total = sharded_leading(self.curvature, batches, targets, self.stats_fraction)
         try:
             if not self.initialized:
-                self._statistics(inputs, labels, init=True)
+                self._statistics(inputs, labels, init=True, global_examples=total)
                 self.update_inverses(_resolve(damping), weight_decays)
                 return True
             if force or self.schedule.statistics_due(k):
-                self._statistics(inputs, labels, init=False)
+                self._statistics(inputs, labels, init=False, global_examples=total)
             if force or self.schedule.inverses_due(k):
                 self._install_pending_inverses()
                 if self.async_inverses and not force:

@@ -147,7 +147,9 @@ class KFAC(KFCOptimizerBase):
             model built from this Fisher.
         avg_decay, avg_mode, avg_start: iterate averaging, as for :class:`kfcrun.optim.SGD`.
         seed: seeds the generator of the sampled targets.
-        chunk_size, inverse_dtype, record_inputs: as for KFC-pre.
+        chunk_size, inverse_dtype, record_inputs, grad_worker_fraction: as for KFC-pre. Data
+            parallel (:meth:`distribute`), the quadratic model's Fisher products and ``h`` are
+            summed over ranks, so every rank chooses the same ``alpha``, ``mu``, ``lambda``, ``gamma``.
 
     :meth:`step_stats` holds the last step's ``alpha``, ``mu``, ``lambda``, ``damping`` (``gamma``),
     ``m_decrease`` (``M(theta) - M(theta + delta)``, with ``lambda``), ``nu`` (``delta^T F delta``), the
@@ -204,6 +206,7 @@ class KFAC(KFCOptimizerBase):
         chunk_size: int | None = None,
         inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
+        grad_worker_fraction: Annotated[float, number("1.0", ge=0, le=1)] = 1.0,
     ) -> None:
         compute_dtype = parse_inverse_dtype(KFAC, inverse_dtype)
         check_arguments(
@@ -240,6 +243,7 @@ class KFAC(KFCOptimizerBase):
             chunk_size=chunk_size,
             inverse_dtype=compute_dtype,
             record_inputs=record_inputs,
+            grad_worker_fraction=grad_worker_fraction,
         )
         self.fixed_lr, self.fixed_momentum = lr, momentum
         self.lam = float(lambda_init if lambda_init is not None else damping)
@@ -320,7 +324,9 @@ class KFAC(KFCOptimizerBase):
         h_before = self._objective(closure, rewind) if rho_due and closure is not None else None
         alpha, mu = model["w"][0], model["w"][1] if previous is not None else None
         updates = {p: v.mul_(alpha.to(v.dtype)) for p, v in proposals[chosen].items()}
-        self._apply_momentum(updates, mu.to(updates[next(iter(updates))].dtype) if mu is not None else 0.0)
+        momentum = mu if mu is not None else torch.zeros((), dtype=torch.float64, device=alpha.device)
+        updates, momentum = self._finite_or_nothing(updates, momentum)
+        self._apply_momentum(updates, momentum.to(updates[next(iter(updates))].dtype))
 
         if rho_due and closure is not None and h_before is not None:
             with self.timer("rho"):
@@ -332,6 +338,22 @@ class KFAC(KFCOptimizerBase):
         self.averaging.update(self._params(), k)
         self._record_stats(model)
         return h_before
+
+    @staticmethod
+    def _finite_or_nothing(updates: Vectors, momentum: Tensor) -> tuple[Vectors, Tensor]:
+        """``(alpha v_1, mu)`` if all of it is finite, else no step at all: zeros (no host read).
+
+        A failed model (non-finite ``C`` or ``d``: e.g. a JVP through BatchNorm over a
+        near-constant batch overflows) gives ``alpha = mu = 0``, but ``0 * inf`` is NaN; one
+        non-finite entry would poison every parameter through ``theta + delta``. The step is
+        skipped instead and ``delta_prev`` reset; ``rho`` is then ``-inf`` on ``T_1``
+        iterations (nothing decreased), so ``lambda`` grows.
+        """
+        finite = torch.isfinite(momentum)
+        for v in updates.values():
+            finite = finite & torch.isfinite(v).all()
+        kept = {p: torch.where(finite, v, torch.zeros_like(v)) for p, v in updates.items()}
+        return kept, torch.where(finite, momentum, torch.zeros_like(momentum))
 
     @staticmethod
     def _negated(directions: Vectors) -> Vectors:
@@ -406,6 +428,7 @@ class KFAC(KFCOptimizerBase):
             rewind()
             loss = closure()
         loss = torch.as_tensor(loss).detach().to(torch.float64)
+        loss = self._global_mean(loss, 1, None, "objective")  # data parallel: the global batch's mean
         params = {p: p.detach() for p in self._params()}
         l2 = self._decay_form(params, params)
         return loss + 0.5 * l2.to(torch.float64) if l2 is not None else loss
@@ -427,7 +450,7 @@ class KFAC(KFCOptimizerBase):
         predicted = model["change"] if self.rho_includes_lambda else model["change_without_lambda"]
         actual = h_after - h_before
         rho = actual / predicted
-        failed = ~torch.isfinite(actual) | (actual > 0)
+        failed = ~torch.isfinite(actual) | (actual > 0) | ~torch.isfinite(predicted)  # a failed model too
         model["rho"] = torch.where(failed, torch.full_like(rho, -math.inf), rho)
         self.rho = float(model["rho"])
         lam = levenberg_marquardt(self.lam, self.rho, self.lambda_minus, self.lambda_plus)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from kfcrun.curvature import (
     CurvatureBlock,
+    CurvatureComm,
     CurvatureSchedule,
     DampingMode,
     FisherType,
@@ -48,8 +49,10 @@ from kfcrun.optim.curvature_steps import (
     Batches,
     CurvatureRefresher,
     exact_gram,
+    leading_examples,
     micro_batches,
     precondition_parameters,
+    sharded_leading,
     subset_size,
 )
 from kfcrun.optim.inputs import BatchRecorder
@@ -132,6 +135,7 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         omega_method: str = "auto",
         async_inverses: bool = False,
         stats_from_training: bool = False,
+        grad_worker_fraction: float = 1.0,
     ) -> None:
         self.schedule = CurvatureSchedule(stats_every, inverse_every, refresh_until)
         self.model = model
@@ -167,6 +171,8 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         self.stats_fraction = stats_fraction
         self.decay_biases, self.precondition_enabled = decay_biases, precondition
         self.init_examples = init_examples
+        #: KAISA's ``f`` for a data-parallel run (:meth:`distribute`).
+        self.grad_worker_fraction = grad_worker_fraction
         self.guard = staleness_guard or StalenessGuard()
         device = next(model.parameters()).device
         self.device = device
@@ -228,6 +234,53 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         totals = self.timer.totals()
         return {f"kfc_{phase}_s": totals.get(phase, 0.0) for phase in self.phases}
 
+    # -- data parallelism -------------------------------------------------------------------------
+    def distribute(self, comm: CurvatureComm) -> None:
+        """Run data parallel: statistics, inverses, solves and the exact-Fisher forms go through ``comm``.
+
+        ``comm`` (:class:`kfcrun.distributed.DataParallelCurvatureComm`, built by the runner with
+        :attr:`grad_worker_fraction`) averages the factor statistics over ranks, splits the
+        inverses among them and sums the per-rank parts of ``v^T F v`` (``nu``, K-FAC's
+        quadratic model) and of K-FAC's objective, so that every rank steps the same. Each
+        rank's ``step`` gets its interleaved slice of the global batch (``.grad`` averaged over
+        ranks, e.g. by DDP); the statistics and ``nu`` subsets are the leading examples of
+        the GLOBAL batch (:func:`~kfcrun.optim.curvature_steps.sharded_leading`).
+        """
+        # Background inverse fits are not combined with owner-based inverses (whose sharing is a
+        # collective every rank joins in update_inverses): the simplest correct rule is to refuse.
+        if self.refresher.async_inverses and not comm.shard.single:
+            raise ValueError(
+                "kfc: async_inverses=true is not supported data parallel; set async_inverses=false"
+            )
+        self.curvature.comm = comm
+        self.curvature.release_foreign_inverses()
+
+    @property
+    def _data_parallel(self) -> bool:
+        comm = self.curvature.comm
+        return comm is not None and not comm.shard.single
+
+    def _leading(
+        self, batches: Batches, targets: Batches | None, fraction: float
+    ) -> tuple[Batches, Batches | None, int | None]:
+        """The step's leading ``ceil(f B)`` examples: this rank's part of the global ones, their count."""
+        if self._data_parallel:
+            return sharded_leading(self.curvature, batches, targets, fraction)
+        total = sum(x.shape[0] for x in batches)
+        inputs, labels = leading_examples(batches, targets, subset_size(fraction, total))
+        return inputs, labels, None
+
+    def _global_mean(self, value: Tensor, local: int, total: int | None, purpose: str) -> Tensor:
+        """A mean over this rank's ``local`` examples made the mean over all ``total`` (one all-reduce).
+
+        ``total`` defaults to equal shards; one process: ``value`` itself.
+        """
+        comm = self.curvature.comm
+        if comm is None or comm.shard.single:
+            return value
+        count = comm.shard.global_batch(local) if total is None else total
+        return comm.all_reduce_sum(value * (local / count), purpose)
+
     def remove_hooks(self) -> None:
         """Detach the input-recording hook from the model (``step`` then needs ``inputs=``)."""
         if self._recorder_handle is not None:
@@ -240,7 +293,9 @@ class KFCOptimizerBase(torch.optim.Optimizer):
     # -- statistics from the training pass (issue 13) ---------------------------------------------
     def _statistics_due_next(self) -> bool:
         """Whether the coming step updates the factor statistics (so its forward is worth recording)."""
-        if not self.precondition_enabled:
+        if not self.precondition_enabled or self._data_parallel:
+            # Data parallel: the separate statistics pass (global-example draws, one all-reduce
+            # of the estimates); training-pass estimates would be this rank's alone.
             return False
         k = self.iteration + 1
         return not self.initialized or self.guard.due() or self.schedule.statistics_due(k)
@@ -367,12 +422,22 @@ class KFCOptimizerBase(torch.optim.Optimizer):
 
     # -- quadratic forms ------------------------------------------------------------------------
     def _fisher_gram(
-        self, batches: Batches, targets: Batches | None, vectors: Sequence[dict[Tensor, Tensor]]
+        self,
+        batches: Batches,
+        targets: Batches | None,
+        vectors: Sequence[dict[Tensor, Tensor]],
+        global_examples: int | None = None,
     ) -> Tensor:
-        """``G_ij = v_i^T F v_j``, the exact Fisher of the examples of ``batches`` (a JVP per vector)."""
+        """``G_ij = v_i^T F v_j``, the exact Fisher of the examples of ``batches`` (a JVP per vector).
+
+        Data parallel: ``batches`` are this rank's part of ``global_examples`` (default: equal
+        shards of the global batch); the result is the mean over all of them (one all-reduce).
+        """
         tangents = [{self._param_names[id(p)]: v for p, v in vec.items()} for vec in vectors]
         with self.recorder.paused(), torch.enable_grad():
-            return exact_gram(self.model, self.curvature.likelihood, batches, targets, tangents)
+            gram = exact_gram(self.model, self.curvature.likelihood, batches, targets, tangents)
+        local = sum(x.shape[0] for x in batches)
+        return self._global_mean(gram, local, global_examples, "quadratic")
 
     def _decay_form(self, a: dict[Tensor, Tensor], b: dict[Tensor, Tensor]) -> Tensor | None:
         """``sum_p r_p <a_p, b_p>`` over the decayed parameters (``None`` if none is decayed)."""

@@ -53,7 +53,7 @@ from kfcrun.curvature import (
     OmegaModel,
 )
 from kfcrun.optim.averaging import AVERAGING_MODES
-from kfcrun.optim.curvature_steps import Batches, leading_examples
+from kfcrun.optim.curvature_steps import Batches
 from kfcrun.optim.kfc_base import PHASES, KFCOptimizerBase, StepInputs, parse_inverse_dtype, subset_size
 from kfcrun.optim.knobs import LIKELIHOOD_RULE, SKIP_LAYERS_RULE
 from kfcrun.optim.staleness import StalenessGuard
@@ -153,6 +153,12 @@ class KFCPre(KFCOptimizerBase):
             graph instead of a separate statistics forward. Same estimates (exact in
             float64) for networks without train-mode BatchNorm; a plain
             ``loss.backward(); step()`` loop falls back to the separate pass.
+        grad_worker_fraction: data parallel only (:meth:`distribute`): KAISA's ``f``, the
+            fraction of ranks that hold each layer's inverse. ``1.0``: the owner broadcasts
+            each fit and every rank solves (memory: all inverses on every rank; traffic: the
+            inverses every ``T_f``); ``0`` (or ``<= 1/P``): the owner solves and broadcasts the
+            preconditioned gradient (memory: ``1/P`` of the inverses; traffic: one gradient
+            every step). Same parameters either way (:mod:`kfcrun.distributed.curvature_comm`).
 
     The arguments annotated with a :class:`~kfcrun.schema.Rule` are the config knobs of
     ``configs/optimizer/kfc_pre.yaml`` (validated from these annotations); ``model``,
@@ -197,6 +203,7 @@ class KFCPre(KFCOptimizerBase):
         omega_method: Annotated[str, choice(*OMEGA_METHODS)] = "auto",
         async_inverses: Annotated[bool, boolean()] = False,
         stats_from_training: Annotated[bool, boolean()] = False,
+        grad_worker_fraction: Annotated[float, number("1.0", ge=0, le=1)] = 1.0,
     ) -> None:
         compute_dtype = parse_inverse_dtype(KFCPre, inverse_dtype)
         check_arguments(
@@ -238,6 +245,7 @@ class KFCPre(KFCOptimizerBase):
             omega_method=omega_method,
             async_inverses=async_inverses,
             stats_from_training=stats_from_training,
+            grad_worker_fraction=grad_worker_fraction,
         )
         self.clip, self.nu_fraction = clip, nu_fraction
 
@@ -309,8 +317,7 @@ class KFCPre(KFCOptimizerBase):
 
     def _nu(self, batches: Batches, targets: Batches | None, updates: dict[Tensor, Tensor]) -> Tensor:
         """``v^T F v + sum lambda |v|^2``, exact Fisher of the step's first ``nu_fraction`` of examples."""
-        total = sum(x.shape[0] for x in batches)
-        inputs, labels = leading_examples(batches, targets, subset_size(self.nu_fraction, total))
-        quadratic = self._fisher_gram(inputs, labels, [updates])[0, 0]
+        inputs, labels, total = self._leading(batches, targets, self.nu_fraction)  # (global examples)
+        quadratic = self._fisher_gram(inputs, labels, [updates], global_examples=total)[0, 0]
         decay = self._decay_form(updates, updates)
         return quadratic + decay if decay is not None else quadratic

@@ -444,6 +444,29 @@ def test_micro_batches_give_the_steps_of_one_batch():
         assert micro.step_stats()[key].item() == pytest.approx(whole.step_stats()[key].item(), rel=1e-9), key
 
 
+def test_a_non_finite_model_skips_the_step_instead_of_poisoning_the_parameters(monkeypatch):
+    """A direction with an inf entry (so a NaN Gram matrix, alpha = mu = 0, and 0 * inf = NaN) must
+    leave theta unchanged and finite, reset delta_prev, and count as a failed step for lambda."""
+    model = tiny_net()
+    opt = KFAC(model, damping=0.1, lambda_every=1, gamma_every=None, **FROZEN_CURVATURE)
+    kfac_step(model, opt, *batch(1))
+    real_directions = opt._directions
+
+    def overflowing(grads=None, index=0):
+        directions = real_directions(grads, index)
+        first = next(iter(directions))
+        directions[first] = directions[first].clone()
+        directions[first].view(-1)[0] = math.inf
+        return directions
+
+    monkeypatch.setattr(opt, "_directions", overflowing)
+    before, lam = flat_params(model), opt.lam
+    kfac_step(model, opt, *batch(2))
+    assert torch.equal(flat_params(model), before)
+    assert all(torch.count_nonzero(opt.state[p]["momentum_buffer"]) == 0 for p in model.parameters())
+    assert opt.step_stats()["rho"].item() == -math.inf and opt.lam > lam
+
+
 def test_step_needs_a_closure_when_rho_is_due():
     model = tiny_net()
     opt = KFAC(model, lambda_every=1)

@@ -175,30 +175,33 @@ def _accumulated_run(make_opt, micro: int, steps: int = 3, last_only: bool = Fal
     return model
 
 
-class _WithSGD:
-    """KFCPreconditioner + SGD behind one ``step(targets=...)``."""
+class _WithOptimizer:
+    """KFCPreconditioner + a torch.optim optimizer behind one ``step(targets=...)``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, make_optimizer) -> None:
         self.precond = KFCPreconditioner(
             model, fisher="empirical", stats_every=1, inverse_every=1, clip=0.01, lr=0.1, damping=1e-2
         )
-        self.sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        self.opt = make_optimizer(model.parameters())
 
     def zero_grad(self) -> None:
-        self.sgd.zero_grad()
+        self.opt.zero_grad()
 
     def step(self, inputs=None, targets=None) -> None:
         self.precond.step(inputs=inputs, targets=targets)
-        self.sgd.step()
+        self.opt.step()
 
 
 @pytest.mark.parametrize(
     "make_opt",
     [
         lambda m: KFCPre(m, lr=0.1, fisher="empirical", stats_every=1, inverse_every=1, weight_decay=1e-3),
-        _WithSGD,
+        # the true Fisher by its exact expectation over the model's labels (deterministic, unlike sampling)
+        lambda m: KFCPre(m, lr=0.1, fisher="expected", stats_every=1, inverse_every=1),
+        lambda m: _WithOptimizer(m, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+        lambda m: _WithOptimizer(m, lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01)),
     ],
-    ids=["kfc_pre", "preconditioner_sgd"],
+    ids=["kfc_pre", "kfc_pre_expected_fisher", "preconditioner_sgd", "preconditioner_adamw"],
 )
 def test_four_micro_batches_equal_one_batch(make_opt) -> None:
     whole = _accumulated_run(make_opt, micro=1)
