@@ -88,3 +88,19 @@ def test_async_inverses_are_one_period_stale_and_resume_exactly() -> None:
     for i in range(6, 10):
         train_step(model2, opt2, *batch(i, n=8))
     assert torch.equal(flat_params(model2), straight), "resume with a pending fit"
+
+
+def test_data_parallel_refuses_async_inverses_and_skips_training_pass_statistics() -> None:
+    """Owner-based distributed inverses are not combined with background fits (refused in one line);
+    training-pass estimates would be one rank's alone, so data parallel uses the separate sharded pass."""
+    from types import SimpleNamespace
+
+    from kfcrun.curvature import BatchShard
+
+    comm = SimpleNamespace(shard=BatchShard(0, 2), solve_on_owner=False)
+    with pytest.raises(ValueError, match="async_inverses=true is not supported data parallel"):
+        KFCPre(tiny_net(), lr=0.1, async_inverses=True).distribute(comm)  # type: ignore[arg-type]
+    opt = KFCPre(tiny_net(), lr=0.1, stats_from_training=True)
+    assert opt._statistics_due_next()
+    opt.distribute(comm)  # type: ignore[arg-type]
+    assert not opt._statistics_due_next()
