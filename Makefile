@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: help setup test test-slow test-gpu lint bench reproduce-cpu clean
+.PHONY: help setup test test-slow test-gpu lint bench bench-omega bench-peers bench-gpu reproduce-cpu clean
 
 help:  ## list the targets
 	@awk -F ':.*## ' '/^[a-z-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,6 +34,18 @@ lint: setup  ## ruff check, ruff format --check, import-linter contracts, mypy
 
 bench: setup  ## step-time benchmark: SGD vs KFC-pre (writes outputs/bench_step.json)
 	$(BIN)/python scripts/bench_step.py
+
+bench-omega: setup  ## conv Omega per layer: row lags vs the patch GEMM (writes outputs/bench_omega.json)
+	$(BIN)/python scripts/bench_omega.py
+
+bench-peers: setup  ## factor statistics: kfcrun vs ASDL, curvlinops, BackPACK (installs the `bench` extra)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python scripts/bench_peers.py
+
+bench-gpu: setup  ## bench_step and bench_peers on CUDA (writes outputs/*_gpu.json)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python scripts/bench_step.py --device cuda --out outputs/bench_step_gpu.json
+	$(BIN)/python scripts/bench_peers.py --device cuda --out outputs/bench_peers_gpu.json
 
 reproduce-cpu: setup  ## CPU-sized reproduction on data/cifar10 or KFCRUN_CIFAR10_DIR (about an hour)
 	bash scripts/reproduce_cpu.sh

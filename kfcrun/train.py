@@ -503,8 +503,13 @@ class Trainer:
             apply_lr_factor(self.optimizer, factor)  # type: ignore[arg-type]
         self.clock.start()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.train_model(inputs), labels)
-        loss.backward()
+        logits = self.train_model(inputs)
+        loss = F.cross_entropy(logits, labels)
+        backward = getattr(self.optimizer, "backward", None)
+        if backward is not None:  # KFC-pre: may take the factor statistics from this pass first
+            backward(loss, logits, labels)
+        else:
+            loss.backward()
         closure = _loss_closure(self.model, inputs, labels) if self.optimizer.needs_closure else None
         self.optimizer.step(closure, inputs=inputs, targets=labels if self.optimizer.needs_labels else None)
         if self.cfg.model.max_norm is not None:

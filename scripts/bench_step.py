@@ -9,6 +9,9 @@ For each batch size, in the same run and on the same device (each method in a fr
   the median step, the AMORTIZED step (mean over whole ``lcm(T_s, T_f)`` cycles, which
   is what an epoch costs), and the seconds per step spent in each phase (statistics,
   inverses, preconditioning, ``nu``);
+* KFC-pre with one speed option changed (``--variants``, :data:`VARIANTS`): the patch-GEMM
+  Omega (the path before issue 13), statistics from the training pass, background inverses;
+  the step calls ``opt.backward(loss, logits)`` as the runner does;
 * K-FAC with the settings of ``experiment=cifar10_kfac`` (``--no-kfac`` skips it): the same
   over whole ``lcm(T_s, T_f, T_1, T_2)`` cycles, with its phases (statistics, inverses,
   preconditioning, the quadratic model's exact-Fisher Gram matrix, ``rho``'s two forward
@@ -64,16 +67,31 @@ EXPERIMENTS = {
 INPUT_STD = {"cuda_convnet": 60.0, "resnet18": 1.0}
 #: Columns of the printed table, per method.
 LABELS = {"sgd": "SGD", "kfc_pre": "KFC-pre", "kfac": "K-FAC"}
+#: KFC-pre rows with one speed option changed from the experiment's settings (issue 13):
+#: name -> (label, optimizer overrides). ``kfc_pre`` itself runs the defaults.
+VARIANTS = {
+    "kfc_pre_patch": ("KFC-pre, patch-GEMM Omega", {"omega_method": "patch"}),
+    "kfc_pre_train_stats": ("KFC-pre, stats from training pass", {"stats_from_training": "true"}),
+    "kfc_pre_async": ("KFC-pre, async inverses", {"async_inverses": "true"}),
+    "kfc_pre_fast": (
+        "KFC-pre, training-pass stats + async",
+        {"stats_from_training": "true", "async_inverses": "true"},
+    ),
+}
+LABELS |= {name: label for name, (label, _) in VARIANTS.items()}
 
 
 def run_config(optimizer: str, batch: int, opts: dict[str, Any]) -> DictConfig:
     """The model's experiment for ``optimizer`` (SGD, KFC-pre, K-FAC) at this batch size, with cost knobs."""
+    base = "kfc_pre" if optimizer in VARIANTS else optimizer
     overrides = [
-        f"experiment={EXPERIMENTS[opts['model']][optimizer]}",
+        f"experiment={EXPERIMENTS[opts['model']][base]}",
         f"trainer.batch_size={batch}",
     ]
-    if optimizer == "kfc_pre":
+    if base == "kfc_pre":
         overrides += [f"optimizer.{key}={opts[key]}" for key in KFC_KNOBS]
+    if optimizer in VARIANTS:
+        overrides += [f"optimizer.{key}={value}" for key, value in VARIANTS[optimizer][1].items()]
     return compose_run_config(overrides)
 
 
@@ -111,7 +129,12 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
         synchronize(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if isinstance(opt, KFCOptimizerBase):  # as the runner does (statistics from the training pass)
+            opt.backward(loss, logits, y)
+        else:
+            loss.backward()
         closure = (lambda: F.cross_entropy(model(x), y)) if opt.needs_closure else None
         # as the runner does: its optimizers are built with record_inputs=False (kfcrun.builders)
         opt.step(closure, inputs=x, targets=y if opt.needs_labels else None)
@@ -183,6 +206,13 @@ def main() -> None:
     parser.add_argument("--nu-fraction", type=float, default=defaults["nu_fraction"])
     parser.add_argument("--no-clip", action="store_true", help="disable clipping (and so nu)")
     parser.add_argument("--no-kfac", action="store_true", help="time SGD and KFC-pre only")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="KFC-pre rows with one speed option changed (default: all; none: --variants)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_step.json"))
     args = parser.parse_args()
@@ -209,6 +239,9 @@ def main() -> None:
             "ratio_median": kfc["median_s"] / sgd["median_s"],
             "ratio_amortized": kfc["mean_s"] / sgd["median_s"],
         }
+        for variant in args.variants:
+            res = run_isolated(variant, batch, args.device, opts, cycle * args.cycles, cycle)
+            row |= {variant: res, f"{variant}_ratio_amortized": res["mean_s"] / sgd["median_s"]}
         if not args.no_kfac:
             kfac_period = kfac_cycle(batch, opts)
             kfac = run_isolated("kfac", batch, args.device, opts, kfac_period * args.cycles, kfac_period)
@@ -239,21 +272,21 @@ def main() -> None:
             f"(experiment={EXPERIMENTS[args.model]['kfac']})"
         )
     header = (
-        f"{'batch':>5} {'method':>8} {'median ms':>10} {'amort. ms':>10} {'x SGD':>6} {'MB':>6}  "
+        f"{'batch':>5} {'method':>36} {'median ms':>10} {'amort. ms':>10} {'x SGD':>6} {'MB':>6}  "
         "phases (ms per step)"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         sgd_median = row["sgd"]["median_s"]
-        for method in ("sgd", "kfc_pre", "kfac"):
+        for method in ("sgd", "kfc_pre", *args.variants, "kfac"):
             if method not in row:
                 continue
             res = row[method]
             amortized = res["mean_s"] if method != "sgd" else res["median_s"]
             phases = " ".join(f"{name}={1000 * sec:.1f}" for name, sec in res.get("phases", {}).items())
             print(
-                f"{row['batch_size']:>5} {LABELS[method]:>8} {1000 * res['median_s']:10.1f} "
+                f"{row['batch_size']:>5} {LABELS[method]:>36} {1000 * res['median_s']:10.1f} "
                 f"{1000 * amortized:10.1f} {amortized / sgd_median:6.2f} "
                 f"{res['peak_memory_mb']:6.0f}  {phases}"
             )

@@ -59,3 +59,36 @@ def test_smoke_run_on_cuda(tmp_path: Path, cache_dir: Path):
     )
     assert result.returncode == 0, result.stderr
     assert read_metrics(tmp_path / "run")[-1]["test/error"] < 0.7
+
+
+def test_target_sampling_never_synchronizes():
+    """The sampled-Fisher targets are drawn on the device: no host sync (multinomial would need one)."""
+    from kfcrun.curvature import SoftmaxCrossEntropy
+
+    logits = torch.randn(512, 10, device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    lik = SoftmaxCrossEntropy()
+    lik.sample(logits, generator)  # warm-up (allocator, kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        draws = lik.sample(logits, generator)
+        omega_input = torch.randn(64, 8, 16, 16, device="cuda")
+        from kfcrun.curvature.omega_lagged import conv_omega_lagged
+
+        omega = conv_omega_lagged(omega_input, 3, padding=((1, 1), (1, 1)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert draws.shape == (512,) and int(draws.min()) >= 0 and int(draws.max()) <= 9
+    assert omega.shape == (73, 73)
+
+
+def test_lagged_omega_on_cuda_matches_cpu():
+    from kfcrun.curvature import kron_math
+    from kfcrun.curvature.omega_lagged import conv_omega_lagged
+
+    x = torch.randn(16, 4, 9, 8, dtype=torch.float64).relu()
+    padding = kron_math.conv_padding(5, 1, "same", 1)
+    cpu = kron_math.conv_omega(x, 5, padding=padding)
+    gpu = conv_omega_lagged(x.cuda(), 5, padding=padding)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-12 * cpu.abs().max().item())

@@ -58,6 +58,7 @@ from .fisher import expected_fisher_losses, make_loss_fn, nll_sum, sample_target
 from .inverses import DampedInverse, EigenInverse, KroneckerInverse, PiCholeskyInverse, UnitwiseInverse
 from .kfc_curvature import InverseUpdate, KFCCurvature, MicroBatches, StatisticsUpdate
 from .likelihoods import LIKELIHOODS, Bernoulli, Gaussian, Likelihood, SoftmaxCrossEntropy, make_likelihood
+from .omega_lagged import OMEGA_METHODS
 from .parallel import CurvatureComm
 from .schedule import CurvatureSchedule
 from .sharding import BatchShard, ExampleDraws
@@ -66,6 +67,7 @@ from .vocabulary import DampingMode, FisherType, OmegaModel
 __all__ = [
     "DEFAULT_MAX_FACTOR_DIM",
     "LIKELIHOODS",
+    "OMEGA_METHODS",
     "BatchShard",
     "Bernoulli",
     "Conv1dBlock",

@@ -22,10 +22,16 @@ from torch import Tensor, nn
 
 from .blocks import CurvatureBlock, Estimate, make_block
 from .coverage import kfc_layers
-from .derivatives import recorded_pass
+from .derivatives import LayerPass, recorded_pass
 from .fisher import LossFn, nll_sum
 
-__all__ = ["EstimateAccumulator", "batch_factors", "batch_factors_for_loss", "block_estimates"]
+__all__ = [
+    "EstimateAccumulator",
+    "batch_factors",
+    "batch_factors_for_loss",
+    "block_estimates",
+    "pass_estimates",
+]
 
 
 def _as_losses(value: Tensor | Sequence[Tensor]) -> list[Tensor]:
@@ -59,21 +65,50 @@ def block_estimates(
     modules = {name: block.module for name, block in blocks.items()}
     with recorded_pass(model, inputs, modules) as layer_pass:
         assert layer_pass.logits is not None
-        losses = _as_losses(loss_fn(layer_pass.logits))
-        recorded = {name: layer_pass.layer_inputs(name) for name in layer_pass.names}
-        contexts = {name: blocks[name].pass_context(recorded[name]) for name in layer_pass.names}
-        totals: dict[str, Tensor] = {}
-        for k, loss in enumerate(losses):
-            derivatives = layer_pass.derivatives(loss, retain_graph=k < len(losses) - 1)
-            for name, ds in derivatives.items():
-                part = blocks[name].pass_statistic(recorded[name], ds, contexts[name])
-                totals[name] = part if name not in totals else totals[name].add_(part)
-        del losses, contexts
+        return pass_estimates(layer_pass, loss_fn(layer_pass.logits), blocks, chunk_size=chunk_size)
+
+
+def pass_estimates(
+    layer_pass: LayerPass,
+    losses: Tensor | Sequence[Tensor],
+    blocks: Mapping[str, CurvatureBlock],
+    *,
+    chunk_size: int | None = None,
+    keep_graph: bool = False,
+    examples: int | None = None,
+) -> dict[str, Estimate]:
+    """``{name: estimate}`` from a recorded forward pass and the loss(es) computed from its output.
+
+    The derivatives ``DS`` of each loss with respect to the recorded layer outputs come
+    from ``torch.autograd.grad`` (no ``.grad`` is touched). ``keep_graph=False`` frees the
+    graph before the Omega pass (a forward made only for the statistics);
+    ``keep_graph=True`` keeps it for the caller's own backward (statistics from the
+    training pass). ``examples=n`` uses only the first ``n`` examples of every layer's
+    input and ``DS`` (dim 0), the estimate of that subset when ``losses`` only involve it.
+    """
+    loss_list = _as_losses(losses)
+    names = layer_pass.names
+    recorded = {name: _first(layer_pass.layer_inputs(name), examples) for name in names}
+    contexts = {name: blocks[name].pass_context(recorded[name]) for name in names}
+    totals: dict[str, Tensor] = {}
+    for k, loss in enumerate(loss_list):
+        retain = keep_graph or k < len(loss_list) - 1
+        derivatives = layer_pass.derivatives(loss, retain_graph=retain)
+        for name, ds in derivatives.items():
+            part = blocks[name].pass_statistic(recorded[name], _first(ds, examples), contexts[name])
+            totals[name] = part if name not in totals else totals[name].add_(part)
+    del loss_list, contexts
+    if not keep_graph:
         layer_pass.release_graph()
-        return {
-            name: blocks[name].batch_estimate(recorded[name], totals[name], chunk_size=chunk_size)
-            for name in layer_pass.names
-        }
+    return {
+        name: blocks[name].batch_estimate(recorded[name], totals[name], chunk_size=chunk_size)
+        for name in names
+    }
+
+
+def _first(tensors: list[Tensor], examples: int | None) -> list[Tensor]:
+    """The first ``examples`` rows (dim 0) of each tensor; all of them for ``None``."""
+    return tensors if examples is None else [t[:examples] for t in tensors]
 
 
 class EstimateAccumulator:

@@ -50,19 +50,24 @@ the warm-up does not throw it away.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .blocks import DEFAULT_MAX_FACTOR_DIM, CurvatureBlock, Estimate, make_block
+from .blocks import DEFAULT_MAX_FACTOR_DIM, ConvBlock, CurvatureBlock, Estimate, make_block
+from .capture import ActivationCapture
 from .coverage import canonical_name, kfc_layers, uncovered_modules, unmatched_patterns
+from .derivatives import LayerPass
 from .diagnostics import KFCCurvatureWarning, warn
-from .factors import EstimateAccumulator, block_estimates
+from .factors import EstimateAccumulator, block_estimates, pass_estimates
 from .fisher import make_loss_fn
 from .likelihoods import Likelihood, make_likelihood
 from .parallel import CurvatureComm
@@ -135,6 +140,11 @@ class KFCCurvature:
             :func:`~kfcrun.curvature.coverage.layer_matches`.
         max_factor_dim: a Kronecker factor larger than this is kept as its diagonal
             (:class:`~kfcrun.curvature.blocks.KroneckerBlock`); ``None``: no cap.
+        omega_method: how a conv layer computes ``Omega_hat`` (the same matrix either way):
+            ``"auto"`` (row-lagged products for stride-1 one-group convs, the patch GEMM
+            otherwise), ``"patch"`` or ``"lagged"`` (see
+            :class:`~kfcrun.curvature.blocks.ConvBlock`); a mapping ``{layer name: method}``
+            chooses per layer (unlisted layers: ``"auto"``).
 
     Attributes:
         blocks: ``name -> block`` for every covered module, in ``named_modules`` order.
@@ -156,6 +166,7 @@ class KFCCurvature:
         likelihood: Likelihood | str = "cross_entropy",
         skip_layers: Sequence[str] = (),
         max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
+        omega_method: str | Mapping[str, str] = "auto",
     ) -> None:
         if not 0.0 <= stat_decay < 1.0:
             raise ValueError(f"stat_decay must be in [0, 1), got {stat_decay}")
@@ -175,6 +186,8 @@ class KFCCurvature:
         if unknown:
             raise ValueError(f"kfc: skip_layers entries {unknown} name no module of the model")
         self.likelihood: Likelihood = make_likelihood(likelihood)
+        layers = kfc_layers(model, skip)
+        methods = _omega_methods(omega_method, layers)
         self.blocks: dict[str, CurvatureBlock] = {
             name: make_block(
                 name,
@@ -182,9 +195,13 @@ class KFCCurvature:
                 damping_mode=self.damping_mode,
                 omega_model=omega_model,
                 max_factor_dim=max_factor_dim,
+                omega_method=methods.get(name, "auto"),
             )
-            for name, m in kfc_layers(model, skip).items()
+            for name, m in layers.items()
         }
+        for block in self.blocks.values():
+            if isinstance(block, ConvBlock):
+                block.uses_lagged_omega()  # a bad or inapplicable omega_method fails here, not mid-run
         self.uncovered = uncovered_modules(model, skip)
         if self.uncovered:
             types = {canonical_name(n): type(m).__name__ for n, m in model.named_modules()}
@@ -203,6 +220,9 @@ class KFCCurvature:
         self.statistics_count = 0  # k: statistics updates the running factors stand for (the warm-up's count)
         self.last_decay = stat_decay  # the xi of the last Eqn 33 update (xi_k with the warm-up)
         self._warned_unused: set[str] = set()
+        # start_inverses(): (future, {name: (inverse copy, factors)}, CUDA side stream or None)
+        self._inverse_job: tuple[Future[InverseUpdate], dict[str, tuple[Any, Estimate]], Any] | None = None
+        self._executor: ThreadPoolExecutor | None = None
         #: Data-parallel communicator (:mod:`kfcrun.curvature.parallel`); ``None``: one process.
         self.comm: CurvatureComm | None = None
 
@@ -273,6 +293,65 @@ class KFCCurvature:
             self.fisher_type, targets=targets, generator=generator, likelihood=self.likelihood
         )
         return block_estimates(self.model, inputs, loss_fn, self.blocks, chunk_size=self.chunk_size)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[LayerPass]:
+        """Record the covered layers' inputs and outputs during the caller's own forward pass.
+
+        For statistics from the training pass (issue 13)::
+
+            with curvature.recording() as layer_pass:
+                logits = model(x)
+            estimates = curvature.estimate_from_pass(layer_pass, logits)  # before the training backward
+            F.cross_entropy(logits, y).backward()
+
+        Unlike :meth:`estimate_statistics` this adds no forward pass: the activations are
+        the training forward's, with whatever it changed (BatchNorm running statistics,
+        dropout masks) changed once, as training does. The hooks exist only inside the
+        block; each covered layer's output is passed on as a copy (as in every recorded pass).
+        """
+        capture = ActivationCapture({name: block.module for name, block in self.blocks.items()})
+        with capture.recording() as records:
+            layer_pass = LayerPass(None, records)
+            yield layer_pass
+        layer_pass.names = [name for name in self.blocks if name in records]
+
+    def estimate_from_pass(
+        self,
+        layer_pass: LayerPass,
+        output: Tensor,
+        targets: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        examples: int | None = None,
+    ) -> dict[str, Estimate]:
+        """Estimates (Eqn 32) from a forward recorded by :meth:`recording`, keeping its graph.
+
+        ``output`` is that forward's model output. Targets as in :meth:`estimate_statistics`;
+        the derivatives ``DS`` come from ONE extra backward of the sampled loss through
+        the same graph (``retain_graph=True``, so the caller's training backward still
+        works afterwards; no ``.grad`` is touched). ``examples=n`` estimates from the first
+        ``n`` examples only (their loss alone is differentiated, and the Omega pass sees
+        only their inputs): the same estimate as a separate pass on ``x[:n]`` for a network
+        whose examples do not interact (no BatchNorm in train mode).
+        """
+        if examples is not None and examples < 1:
+            raise ValueError(f"examples must be >= 1 or None, got {examples}")
+        if not layer_pass.names:
+            raise RuntimeError("kfc: estimate_from_pass() needs a forward pass run inside recording()")
+        sub_output = output if examples is None else output[:examples]
+        sub_targets = targets if targets is None or examples is None else targets[:examples]
+        loss_fn = make_loss_fn(
+            self.fisher_type, targets=sub_targets, generator=generator, likelihood=self.likelihood
+        )
+        return pass_estimates(
+            layer_pass,
+            loss_fn(sub_output),
+            self.blocks,
+            chunk_size=self.chunk_size,
+            keep_graph=True,
+            examples=examples,
+        )
 
     def fold_statistics(
         self,
@@ -365,20 +444,12 @@ class KFCCurvature:
             return {n: float(weight_decay.get(n, 0.0)) for n in self.blocks}
         return dict.fromkeys(self.blocks, float(weight_decay))
 
-    def update_inverses(
+    def _damping_totals(
         self, damping: float | Sequence[float], weight_decay: Mapping[str, float] | float
-    ) -> InverseUpdate:
-        """Refit every block's damped inverse from the current factors.
-
-        ``damping`` is ``γ``, or several values to fit at once (candidate ``i`` is
-        solved by ``precondition(..., index=i)``); ``weight_decay`` is ``lam``, one float
-        for all blocks or a ``{name: lam}`` dict (blocks it leaves out get 0, e.g. the
-        normalization layers, which carry no weight decay). Reads every block's success
-        flags in one host sync, then finishes each fit.
-        """
+    ) -> dict[str, list[float]]:
+        """``{name: [λ + γ_i]}``, checked (finite, >= 0, > 0 where the damping mode needs it)."""
         if not self.has_statistics and any(b.factors() is None for b in self.blocks.values()):
             raise RuntimeError("KFCCurvature.update_inverses() called before any update_statistics()")
-        start = time.perf_counter()
         dampings = [float(damping)] if isinstance(damping, (int, float)) else [float(d) for d in damping]
         lams = self._weight_decays(weight_decay)
         totals = {name: [lams[name] + g for g in dampings] for name in self.blocks}
@@ -394,6 +465,21 @@ class KFCCurvature:
                         f"damping_mode={self.damping_mode.value!r} needs weight decay + damping (λ + γ) > 0, "
                         f"got {total} for layer {name!r}"
                     )
+        return totals
+
+    def update_inverses(
+        self, damping: float | Sequence[float], weight_decay: Mapping[str, float] | float
+    ) -> InverseUpdate:
+        """Refit every block's damped inverse from the current factors.
+
+        ``damping`` is ``γ``, or several values to fit at once (candidate ``i`` is
+        solved by ``precondition(..., index=i)``); ``weight_decay`` is ``lam``, one float
+        for all blocks or a ``{name: lam}`` dict (blocks it leaves out get 0, e.g. the
+        normalization layers, which carry no weight decay). Reads every block's success
+        flags in one host sync, then finishes each fit.
+        """
+        start = time.perf_counter()
+        totals = self._damping_totals(damping, weight_decay)
         mine = self.owned_blocks()
         pending = {name: mine[name].prepare_inverse(totals[name], self.inverse_dtype) for name in mine}
         flags = _read_flags(list(pending.values()))
@@ -419,6 +505,82 @@ class KFCCurvature:
         for name, block in self.blocks.items():
             if block.inverse.ready or self.owns(name):  # (data parallel: others' fits may be elsewhere)
                 block.inverse.select(index)
+
+    def start_inverses(
+        self, damping: float | Sequence[float], weight_decay: Mapping[str, float] | float
+    ) -> None:
+        """Begin :meth:`update_inverses` in the background; :meth:`finish_inverses` installs the result.
+
+        The fit runs on a worker thread (on CUDA: on a side stream, so the training
+        stream never waits on it) from the factors as they are NOW: the factor tensors are
+        rebound, never written in place, by later statistics updates, so the job's
+        snapshot is just their references. Until :meth:`finish_inverses`, :meth:`precondition`
+        keeps using the previous inverses (each block's inverse object is copied for the
+        job and swapped in at the end). Calling :meth:`finish_inverses` right after this is
+        exactly :meth:`update_inverses` (same numbers); an optimizer that calls it at the
+        next inverse period gets inverses one period stale, the bounded staleness of
+        issue 13. A pending job is saved by :meth:`state_dict` (waited for, not installed).
+        """
+        if self._inverse_job is not None:
+            raise RuntimeError("kfc: start_inverses() while a fit is pending; call finish_inverses() first")
+        # Background fits and data parallelism's owner-based fits (update_inverses: each rank fits
+        # its own blocks, then inverses are shared or gathered, both collectives) are not combined:
+        # the simplest correct rule is to refuse here; the optimizer refuses async_inverses earlier.
+        if self.comm is not None:
+            raise RuntimeError(
+                "kfc: start_inverses() (async_inverses) is not supported data parallel; use update_inverses()"
+            )
+        totals = self._damping_totals(damping, weight_decay)
+        work = {
+            name: (copy.copy(block.inverse), block.factors_or_zero()) for name, block in self.blocks.items()
+        }
+        device = next(iter(self.blocks.values())).params[0].device if self.blocks else torch.device("cpu")
+        stream = None
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))  # the factors are complete
+        inverse_dtype = self.inverse_dtype
+
+        def fit() -> InverseUpdate:
+            begin = time.perf_counter()
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                pending = [
+                    inv.prepare(factors, totals[name], inverse_dtype) for name, (inv, factors) in work.items()
+                ]
+                flags = _read_flags(pending)  # syncs this thread (and side stream) only
+            result = InverseUpdate()
+            for (name, (inv, _)), block_flags in zip(work.items(), flags, strict=True):
+                result.nonfinite += int(not block_flags[0])
+                inv.commit(block_flags)
+                result.summaries[name] = inv.summary()
+            result.seconds = time.perf_counter() - begin
+            return result
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kfc-inverses")
+        self._inverse_job = (self._executor.submit(fit), work, stream)
+
+    @property
+    def inverses_pending(self) -> bool:
+        """Whether a :meth:`start_inverses` job has not been installed yet."""
+        return self._inverse_job is not None
+
+    def finish_inverses(self) -> InverseUpdate | None:
+        """Wait for the :meth:`start_inverses` job and install its inverses (``None`` if none pending).
+
+        Errors of the job (e.g. a failed decomposition) are raised here.
+        """
+        if self._inverse_job is None:
+            return None
+        future, work, stream = self._inverse_job
+        self._inverse_job = None
+        result = future.result()
+        if stream is not None:
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
+        for name, (inverse, _) in work.items():
+            self.blocks[name].inverse = inverse
+        self.num_inverse_updates += 1
+        return result
 
     # -- preconditioning ----------------------------------------------------------------------
     def precondition(self, grads: Mapping[str, Tensor], index: int = 0) -> dict[str, Tensor]:
@@ -464,6 +626,8 @@ class KFCCurvature:
     def state_dict(self) -> dict[str, Any]:
         """Factors, inverse-side state and counters (tensors cloned; loads back bitwise).
 
+        A :meth:`start_inverses` job still pending is waited for (not installed) and saved
+        as ``pending_inverses``, so that a resumed run installs it at the same step.
         Data parallel with ``solve_on_owner``: a collective (every rank must call it), since
         each rank holds only its own blocks' inverses; the state holds all of them.
         """
@@ -480,6 +644,10 @@ class KFCCurvature:
             "last_decay": self.last_decay,
             "layers": {name: block.state_dict() for name, block in self.blocks.items()},
         }
+        if self._inverse_job is not None:
+            future, work, _ = self._inverse_job
+            future.result()
+            state["pending_inverses"] = {name: inverse.state_dict() for name, (inverse, _) in work.items()}
         self.release_foreign_inverses()
         return state
 
@@ -497,6 +665,17 @@ class KFCCurvature:
             raise ValueError(f"kfc: state has layers {list(layers)}, the model has {list(self.blocks)}")
         for name, block in self.blocks.items():
             block.load_state_dict(layers[name])
+        self._inverse_job = None
+        pending = state_dict.get("pending_inverses")
+        if pending is not None:
+            work: dict[str, tuple[Any, Estimate]] = {}
+            for name, block in self.blocks.items():
+                inverse = copy.copy(block.inverse)
+                inverse.load_state_dict(pending[name], block.params[0].device)
+                work[name] = (inverse, ())
+            done: Future[InverseUpdate] = Future()
+            done.set_result(InverseUpdate())
+            self._inverse_job = (done, work, None)
         self.num_init_batches = int(state_dict["num_init_batches"])
         self.num_ema_updates = int(state_dict["num_ema_updates"])
         self.num_inverse_updates = int(state_dict["num_inverse_updates"])
@@ -504,6 +683,16 @@ class KFCCurvature:
         self.statistics_count = int(state_dict.get("statistics_count", 0))
         self.last_decay = float(state_dict.get("last_decay", self.stat_decay))
         self.release_foreign_inverses()
+
+
+def _omega_methods(omega_method: str | Mapping[str, str], layers: Mapping[str, nn.Module]) -> dict[str, str]:
+    """``{layer name: omega_method}`` from one method for all layers or a per-layer mapping."""
+    if isinstance(omega_method, str):
+        return dict.fromkeys(layers, omega_method)
+    unknown = sorted(set(omega_method) - set(layers))
+    if unknown:
+        raise ValueError(f"kfc: omega_method names layers {unknown} that have no curvature block")
+    return dict(omega_method)
 
 
 def _read_flags(flags: list[Tensor]) -> list[list[bool]]:

@@ -46,6 +46,7 @@ __all__ = [
     "Gaussian",
     "Likelihood",
     "SoftmaxCrossEntropy",
+    "inverse_cdf_sample",
     "make_likelihood",
 ]
 
@@ -53,6 +54,21 @@ __all__ = [
 def _float(t: Tensor) -> Tensor:
     """At least float32, so that probabilities and sums over many positions do not lose precision."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def inverse_cdf_sample(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """One draw per row of ``probs`` ``(rows, C)`` (nonnegative, any positive row sum): int64 ``(rows,)``.
+
+    ``cdf = cumsum(probs)``; with ``uniforms`` ``u ~ U[0, 1)`` (``rows`` values, any shape) the
+    draw is the first ``c`` with ``cdf_c > u cdf_C``, i.e. ``P(y = c) = p_c / sum(p)``. Clamped
+    to ``C - 1`` against rounding at the top. Device-side only: no host synchronization. The
+    uniforms are the caller's so that they can be indexed by global example
+    (:class:`~kfcrun.curvature.sharding.ExampleDraws`).
+    """
+    cdf = probs.cumsum(dim=-1)
+    scaled = (uniforms.reshape(-1, 1).to(cdf.dtype) * cdf[:, -1:]).contiguous()
+    draws = torch.searchsorted(cdf, scaled, right=True).squeeze(1)
+    return draws.clamp_(max=probs.shape[-1] - 1)
 
 
 class Likelihood(ABC):
@@ -174,13 +190,17 @@ class SoftmaxCrossEntropy(Likelihood):
         generator: torch.Generator | ExampleDraws | None = None,
         labels: Tensor | None = None,
     ) -> Tensor:
-        """``y ~ Categorical(softmax(output))`` per position (int64), ``ignore_index`` where masked."""
+        """``y ~ Categorical(softmax(output))`` per position (int64), ``ignore_index`` where masked.
+
+        Inverse-CDF sampling: one uniform ``u`` per row and ``y = #{c : cdf_c <= u cdf_C}``
+        (``searchsorted``), so ``P(y = c) = p_c``. Unlike ``torch.multinomial`` this never
+        reads a value back to the host, so a CUDA step does not wait on it (tested under
+        ``torch.cuda.set_sync_debug_mode("error")``).
+        """
         probs = torch.softmax(_float(self._rows(output.detach())), dim=-1)
-        # Inverse CDF: y = #{c : cdf_c <= u * cdf_C}, one uniform per position (no host sync).
+        # one uniform per position, indexed by global example (world-size independent)
         uniforms = as_draws(generator).uniform(self._target_shape(output), probs.dtype, probs.device)
-        cdf = probs.cumsum(dim=-1)
-        scaled = (uniforms.reshape(-1, 1) * cdf[:, -1:]).contiguous()
-        draws = torch.searchsorted(cdf, scaled, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+        draws = inverse_cdf_sample(probs, uniforms)
         mask = self._mask(output, labels)
         if mask is not None:
             draws = torch.where(mask, draws, torch.full_like(draws, self.ignore_index))  # type: ignore[arg-type]

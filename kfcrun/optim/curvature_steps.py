@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from kfcrun.curvature import CurvatureSchedule, KFCCurvature, Likelihood
+from kfcrun.curvature import CurvatureSchedule, Estimate, EstimateAccumulator, KFCCurvature, Likelihood
 from kfcrun.optim.fisher_vector import fisher_gram
 from kfcrun.optim.inputs import BatchRecorder
 from kfcrun.optim.protocol import InitBatch
@@ -129,6 +129,14 @@ class CurvatureRefresher:
         generator: draws the sampled targets.
         timer: records the ``statistics`` and ``inverses`` phases.
         recorder: paused during the statistics passes.
+        async_inverses: a scheduled inverse update starts a background fit
+            (:meth:`KFCCurvature.start_inverses`) and installs the previous one, so the
+            inverses in use are one ``T_f`` period staler than with the synchronous fit
+            (bounded staleness; the initial fit and staleness-guard refreshes stay synchronous).
+
+    Statistics from the training pass: :meth:`add_pass_estimates` hands over estimates made
+    from the training forward (:meth:`KFCCurvature.estimate_from_pass`); the next due
+    statistics update folds them in instead of running its own pass.
 
     Attributes:
         health: ``stats_nonfinite`` / ``inverse_nonfinite`` of the last updates (tensors).
@@ -144,12 +152,52 @@ class CurvatureRefresher:
         generator: torch.Generator,
         timer: PhaseTimer,
         recorder: BatchRecorder,
+        async_inverses: bool = False,
     ) -> None:
         self.curvature, self.schedule = curvature, schedule
         self.stats_fraction = stats_fraction
         self.generator, self.timer, self.recorder = generator, timer, recorder
+        self.async_inverses = async_inverses
         self.health: dict[str, Tensor] = {}
         self.pi_mean: Tensor | None = None
+        self._pass = EstimateAccumulator()
+        self._pass_examples = 0
+
+    def add_pass_estimates(self, estimates: Mapping[str, Estimate], examples: int) -> None:
+        """Estimates of ``examples`` examples from a training forward, for the next statistics update."""
+        self._pass.add(estimates, examples)
+        self._pass_examples += examples
+
+    def discard_pass_estimates(self) -> None:
+        """Drop estimates handed over by :meth:`add_pass_estimates` and not used."""
+        self._pass = EstimateAccumulator()
+        self._pass_examples = 0
+
+    def _statistics(
+        self, batches: Batches, targets: Batches | None, *, init: bool, global_examples: int | None = None
+    ) -> None:
+        """The training pass's estimates if there are any, else a statistics pass on ``batches``.
+
+        Training-pass estimates are never handed over data parallel (see ``KFCOptimizerBase.backward``),
+        so ``global_examples`` only concerns the separate pass.
+        """
+        if not self._pass:
+            self.update_statistics(batches, targets, init=init, global_examples=global_examples)
+            return
+        with self.timer("statistics"):
+            nonfinite = self.curvature.fold_statistics(
+                self._pass.result(), init=init, examples=self._pass_examples
+            )
+        self.health["stats_nonfinite"] = nonfinite
+        self.discard_pass_estimates()
+
+    def _install_pending_inverses(self) -> None:
+        """Install a finished background fit, if one is pending (waits for it)."""
+        with self.timer("inverses"):
+            update = self.curvature.finish_inverses()
+        if update is not None:
+            self.pi_mean = update.pi_mean()
+            self.health["inverse_nonfinite"] = torch.tensor(float(update.nonfinite))
 
     @property
     def initialized(self) -> bool:
@@ -213,16 +261,24 @@ class CurvatureRefresher:
         Returns whether they were.
         """
         inputs, labels, total = sharded_leading(self.curvature, batches, targets, self.stats_fraction)
-        if not self.initialized:
-            self.update_statistics(inputs, labels, init=True, global_examples=total)
-            self.update_inverses(_resolve(damping), weight_decays)
-            return True
-        if force or self.schedule.statistics_due(k):
-            self.update_statistics(inputs, labels, init=False, global_examples=total)
-        if force or self.schedule.inverses_due(k):
-            self.update_inverses(_resolve(damping), weight_decays)
-            return True
-        return False
+        try:
+            if not self.initialized:
+                self._statistics(inputs, labels, init=True, global_examples=total)
+                self.update_inverses(_resolve(damping), weight_decays)
+                return True
+            if force or self.schedule.statistics_due(k):
+                self._statistics(inputs, labels, init=False, global_examples=total)
+            if force or self.schedule.inverses_due(k):
+                self._install_pending_inverses()
+                if self.async_inverses and not force:
+                    with self.timer("inverses"):
+                        self.curvature.start_inverses(_resolve(damping), weight_decays)
+                else:
+                    self.update_inverses(_resolve(damping), weight_decays)
+                return True
+            return False
+        finally:
+            self.discard_pass_estimates()
 
 
 def _resolve(damping: Dampings) -> float | Sequence[float]:

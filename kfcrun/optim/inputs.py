@@ -49,6 +49,11 @@ class BatchRecorder:
         self._paused = 0
 
     @property
+    def is_paused(self) -> bool:
+        """Whether forward passes are currently not recorded (inside :meth:`paused`)."""
+        return self._paused > 0
+
+    @property
     def inputs(self) -> Tensor | None:
         """The last recorded batch, or ``None``."""
         return self.batches[-1] if self.batches else None

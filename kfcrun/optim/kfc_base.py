@@ -25,6 +25,7 @@ Subclasses write ``step``; see :class:`~kfcrun.optim.KFCPre` and :class:`~kfcrun
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -39,6 +40,7 @@ from kfcrun.curvature import (
     DampingMode,
     FisherType,
     KFCCurvature,
+    LayerPass,
     Likelihood,
     OmegaModel,
 )
@@ -91,6 +93,7 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         staleness_guard: the :class:`~kfcrun.optim.staleness.StalenessGuard` (or ``None``).
         precondition: ``False`` skips curvature (directions are ``grad h``).
         avg_decay, avg_mode, avg_start, seed, chunk_size, inverse_dtype, record_inputs: as in KFC-pre.
+        omega_method, async_inverses, stats_from_training: the speed options of KFC-pre (issue 13).
     """
 
     #: Whether ``step`` needs a closure that returns the mini-batch loss (K-FAC's rho).
@@ -129,6 +132,9 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         chunk_size: int | None,
         inverse_dtype: torch.dtype | None,
         record_inputs: bool,
+        omega_method: str = "auto",
+        async_inverses: bool = False,
+        stats_from_training: bool = False,
         grad_worker_fraction: float = 1.0,
     ) -> None:
         self.schedule = CurvatureSchedule(stats_every, inverse_every, refresh_until)
@@ -145,6 +151,7 @@ class KFCOptimizerBase(torch.optim.Optimizer):
             likelihood=likelihood,
             skip_layers=skip_layers,
             max_factor_dim=max_factor_dim,
+            omega_method=omega_method,
         )
         #: ``r`` per weight layer (Conv/Linear) by name, covered or not.
         self.lambdas = layer_weight_decays(model, weight_decay, layer_weight_decay)
@@ -185,6 +192,16 @@ class KFCOptimizerBase(torch.optim.Optimizer):
             generator=self.generator,
             timer=self.timer,
             recorder=self.recorder,
+            async_inverses=async_inverses,
+        )
+        # Statistics from the training pass: the model's forward is recorded on the
+        # iterations whose statistics are due, and backward() takes the estimates from it.
+        self.stats_from_training = stats_from_training
+        self._training_pass: tuple[contextlib.ExitStack, LayerPass] | None = None
+        self._pass_handles = (
+            [model.register_forward_pre_hook(self._begin_pass), model.register_forward_hook(self._end_pass)]
+            if stats_from_training
+            else []
         )
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -229,6 +246,12 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         ranks, e.g. by DDP); the statistics and ``nu`` subsets are the leading examples of
         the GLOBAL batch (:func:`~kfcrun.optim.curvature_steps.sharded_leading`).
         """
+        # Background inverse fits are not combined with owner-based inverses (whose sharing is a
+        # collective every rank joins in update_inverses): the simplest correct rule is to refuse.
+        if self.refresher.async_inverses and not comm.shard.single:
+            raise ValueError(
+                "kfc: async_inverses=true is not supported data parallel; set async_inverses=false"
+            )
         self.curvature.comm = comm
         self.curvature.release_foreign_inverses()
 
@@ -263,11 +286,76 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         if self._recorder_handle is not None:
             self._recorder_handle.remove()
             self._recorder_handle = None
+        for handle in self._pass_handles:
+            handle.remove()
+        self._pass_handles = []
+
+    # -- statistics from the training pass (issue 13) ---------------------------------------------
+    def _statistics_due_next(self) -> bool:
+        """Whether the coming step updates the factor statistics (so its forward is worth recording)."""
+        if not self.precondition_enabled or self._data_parallel:
+            # Data parallel: the separate statistics pass (global-example draws, one all-reduce
+            # of the estimates); training-pass estimates would be this rank's alone.
+            return False
+        k = self.iteration + 1
+        return not self.initialized or self.guard.due() or self.schedule.statistics_due(k)
+
+    def _begin_pass(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Model forward pre-hook: start recording the covered layers on a statistics iteration."""
+        if (
+            self._training_pass is not None
+            or self.recorder.is_paused
+            or not module.training
+            or not torch.is_grad_enabled()
+            or not self._statistics_due_next()
+        ):
+            return
+        stack = contextlib.ExitStack()
+        layer_pass = stack.enter_context(self.curvature.recording())
+        self._training_pass = (stack, layer_pass)
+
+    def _end_pass(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Model forward hook: stop recording (the records stay until :meth:`backward` or the step)."""
+        if self._training_pass is not None:
+            self._training_pass[0].close()
+
+    def backward(self, loss: Tensor, output: Tensor, targets: Tensor | None = None) -> None:
+        """``loss.backward()``, taking the factor statistics from this training pass first if they are due.
+
+        Use instead of ``loss.backward()`` with ``stats_from_training=True`` (the runner does):
+        ``output`` is the model output of the forward that produced ``loss``; on a
+        statistics iteration the sampled-target derivatives come from one extra backward
+        through its graph (:meth:`KFCCurvature.estimate_from_pass`, on the leading
+        ``stats_fraction`` of the batch), so no separate statistics forward runs. ``targets``
+        are the labels, used only when :attr:`needs_labels`. Without this call (a plain
+        ``loss.backward(); step()`` loop) the step runs its own statistics pass as before.
+        """
+        recorded, self._training_pass = self._training_pass, None
+        if recorded is not None:
+            stack, layer_pass = recorded
+            stack.close()
+            if layer_pass.names:
+                count = subset_size(self.stats_fraction, output.shape[0])
+                labels = targets if self.needs_labels else None
+                with self.timer("statistics"), self.recorder.paused():
+                    estimates = self.curvature.estimate_from_pass(
+                        layer_pass,
+                        output,
+                        labels,
+                        generator=self.generator,
+                        examples=count if count < output.shape[0] else None,
+                    )
+                self.refresher.add_pass_estimates(estimates, count)
+            del layer_pass
+        loss.backward()
 
     def _step_batches(
         self, inputs: StepInputs | None, targets: StepInputs | None
     ) -> tuple[Batches, Batches | None]:
         """The step's micro-batches: ``inputs``, else the recorded training forwards since the last step."""
+        if self._training_pass is not None:  # recorded, but the loop called loss.backward() itself
+            self._training_pass[0].close()
+            self._training_pass = None
         recorded = self.recorder.take()
         if inputs is None:
             inputs = recorded

@@ -44,7 +44,14 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor, nn
 
-from kfcrun.curvature import DEFAULT_MAX_FACTOR_DIM, DampingMode, FisherType, Likelihood, OmegaModel
+from kfcrun.curvature import (
+    DEFAULT_MAX_FACTOR_DIM,
+    OMEGA_METHODS,
+    DampingMode,
+    FisherType,
+    Likelihood,
+    OmegaModel,
+)
 from kfcrun.optim.averaging import AVERAGING_MODES
 from kfcrun.optim.curvature_steps import Batches
 from kfcrun.optim.kfc_base import PHASES, KFCOptimizerBase, StepInputs, parse_inverse_dtype, subset_size
@@ -135,6 +142,17 @@ class KFCPre(KFCOptimizerBase):
             ResNet-18), or a ``torch.dtype``; ``None``: the factors' dtype.
         record_inputs: register the :class:`~kfcrun.optim.inputs.BatchRecorder` hook so that
             ``step()`` without ``inputs`` finds the batch (see :mod:`kfcrun.optim.inputs`).
+        omega_method: how a conv layer computes ``Omega_hat`` (the same matrix either way):
+            ``"auto"`` (row-lagged products for stride-1 convs, the patch GEMM otherwise),
+            ``"patch"`` or ``"lagged"`` (:class:`~kfcrun.curvature.blocks.ConvBlock`).
+        async_inverses: fit the scheduled inverses in the background (a worker thread; a
+            side stream on CUDA) and install each at the next inverse update: one ``T_f``
+            period staler than Algorithm 1, so off by default.
+        stats_from_training: take the factor statistics from the training forward
+            (:meth:`backward`, which the runner calls): one extra backward through its
+            graph instead of a separate statistics forward. Same estimates (exact in
+            float64) for networks without train-mode BatchNorm; a plain
+            ``loss.backward(); step()`` loop falls back to the separate pass.
         grad_worker_fraction: data parallel only (:meth:`distribute`): KAISA's ``f``, the
             fraction of ranks that hold each layer's inverse. ``1.0``: the owner broadcasts
             each fit and every rank solves (memory: all inverses on every rank; traffic: the
@@ -182,6 +200,9 @@ class KFCPre(KFCOptimizerBase):
         chunk_size: int | None = None,
         inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
+        omega_method: Annotated[str, choice(*OMEGA_METHODS)] = "auto",
+        async_inverses: Annotated[bool, boolean()] = False,
+        stats_from_training: Annotated[bool, boolean()] = False,
         grad_worker_fraction: Annotated[float, number("1.0", ge=0, le=1)] = 1.0,
     ) -> None:
         compute_dtype = parse_inverse_dtype(KFCPre, inverse_dtype)
@@ -221,6 +242,9 @@ class KFCPre(KFCOptimizerBase):
             chunk_size=chunk_size,
             inverse_dtype=compute_dtype,
             record_inputs=record_inputs,
+            omega_method=omega_method,
+            async_inverses=async_inverses,
+            stats_from_training=stats_from_training,
             grad_worker_fraction=grad_worker_fraction,
         )
         self.clip, self.nu_fraction = clip, nu_fraction

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from kfcrun.curvature import Bernoulli, Gaussian, SoftmaxCrossEntropy, make_likelihood, make_loss_fn
+from kfcrun.curvature.likelihoods import inverse_cdf_sample
 from tests.helpers.oracles import assert_close
 
 
@@ -130,3 +131,27 @@ def test_make_likelihood_by_name() -> None:
     assert make_likelihood(lik) is lik
     with pytest.raises(ValueError, match="likelihood must be one of"):
         make_likelihood("poisson")
+
+
+def test_inverse_cdf_sample_is_the_definition() -> None:
+    """Draw = first class whose cumulative probability exceeds u * total, with u from the same generator."""
+    g = torch.Generator().manual_seed(6)
+    probs = torch.rand(50, 7, generator=g, dtype=torch.float64)
+    probs[:, 2] = 0.0  # a class of probability zero is never drawn
+    probs[0] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    u = torch.rand(50, 1, generator=g, dtype=torch.float64)
+    draws = inverse_cdf_sample(probs, u)
+    for row, p in enumerate(probs):
+        cdf = torch.cumsum(p, 0)
+        expected = next(c for c in range(7) if cdf[c] > u[row, 0] * cdf[-1])
+        assert draws[row].item() == expected
+    assert not (draws == 2).any() and draws[0] == 6
+
+
+def test_inverse_cdf_sample_frequencies() -> None:
+    n = 40000
+    p = torch.tensor([0.5, 0.0, 0.2, 0.25, 0.05], dtype=torch.float64)
+    draws = inverse_cdf_sample(p.expand(n, 5), torch.rand(n, generator=torch.Generator().manual_seed(7)))
+    freq = torch.bincount(draws, minlength=5).double() / n
+    assert_close(freq, p, atol=0.01, rtol=0, what="inverse-CDF frequencies")
+    assert freq[1] == 0

@@ -58,17 +58,24 @@ def make_block(
     damping_mode: DampingMode | str = DampingMode.PI,
     omega_model: OmegaModel | str = OmegaModel.KFC,
     max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
+    omega_method: str = "auto",
 ) -> CurvatureBlock:
     """The block for ``module``; raises :class:`UnsupportedLayerError` for other layer types.
 
     ``omega_model`` (``"kfc"`` or ``"sua"``) selects the conv Omega model; Linear layers
     are standard K-FAC either way. ``max_factor_dim`` caps a Kronecker factor's size (see
-    :class:`KroneckerBlock`); normalization blocks have no large factor.
+    :class:`KroneckerBlock`); normalization blocks have no large factor. ``omega_method``
+    (``"auto"``, ``"patch"``, ``"lagged"``) picks how a conv computes its Omega (see
+    :class:`ConvBlock`); other blocks ignore it.
     """
     if isinstance(module, nn.Conv2d):
-        return Conv2dBlock(name, module, damping_mode, omega_model, max_factor_dim=max_factor_dim)
+        return Conv2dBlock(
+            name, module, damping_mode, omega_model, max_factor_dim=max_factor_dim, omega_method=omega_method
+        )
     if isinstance(module, nn.Conv1d):
-        return Conv1dBlock(name, module, damping_mode, omega_model, max_factor_dim=max_factor_dim)
+        return Conv1dBlock(
+            name, module, damping_mode, omega_model, max_factor_dim=max_factor_dim, omega_method=omega_method
+        )
     if isinstance(module, nn.Linear):
         return LinearBlock(name, module, damping_mode, max_factor_dim=max_factor_dim)
     if isinstance(module, nn.Embedding):

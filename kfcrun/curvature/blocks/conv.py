@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kron_math
+from ..omega_lagged import OMEGA_METHODS, conv_omega_lagged, lagged_applies, lagged_preferred
 from ..vocabulary import DampingMode, OmegaModel
 from .base import DEFAULT_MAX_FACTOR_DIM, KroneckerBlock, UnsupportedLayerError
 
@@ -39,6 +40,13 @@ class ConvBlock(KroneckerBlock):
       and inverted together (one ``pi`` per group). Cross-group Fisher entries are
       dropped, as KFC drops cross-layer entries. A depthwise conv with channel multiplier
       ``m`` has ``Omega_i`` of size ``|Δ| [+1]`` and ``Gamma_i`` of size ``m``.
+    * **Omega method** (``omega_method``, per layer): ``"auto"`` computes a stride-1,
+      one-group conv's ``Omega_hat`` from row-lagged products without the patch expansion
+      (:func:`~kfcrun.curvature.omega_lagged.conv_omega_lagged`, the same matrix with about
+      ``1/kh`` of the flops) when its input has enough channels to be faster
+      (:data:`~kfcrun.curvature.omega_lagged.MIN_LAG_ROWS`), and every other conv by the
+      patch GEMM; ``"patch"`` always uses the patch GEMM; ``"lagged"`` insists on the row
+      lags (an error where they do not apply).
     * **SUA** (``omega_model="sua"``): the spatially-uncorrelated-activations Omega of
       Theorem 4 (:func:`kron_math.conv_omega_sua`), for ``groups = 1`` and zero padding only.
 
@@ -59,7 +67,9 @@ class ConvBlock(KroneckerBlock):
         omega_model: OmegaModel | str = OmegaModel.KFC,
         *,
         max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
+        omega_method: str = "auto",
     ) -> None:
+        self.omega_method = omega_method
         self.omega_model = OmegaModel.parse(omega_model, "approx")
         if self.omega_model is OmegaModel.SUA and (module.groups != 1 or module.padding_mode != "zeros"):
             raise UnsupportedLayerError(
@@ -99,6 +109,26 @@ class ConvBlock(KroneckerBlock):
             x = F.pad(x, self.conv._reversed_padding_repeated_twice, mode=self.pad_mode)
         return x.unsqueeze(2) if self.spatial_dims == 1 else x
 
+    def uses_lagged_omega(self) -> bool:
+        """Whether :meth:`batch_omega` takes the row-lag path (``omega_method``, see the class docstring)."""
+        if self.omega_method not in OMEGA_METHODS:
+            raise ValueError(
+                f"kfc: layer {self.name!r}: omega_method must be one of {OMEGA_METHODS}, "
+                f"got {self.omega_method!r}"
+            )
+        applies = self.omega_model is OmegaModel.KFC and lagged_applies(
+            self.kernel_size, self.stride, groups=self.groups, diagonal=self.omega_diagonal
+        )
+        if self.omega_method == "lagged" and not applies:
+            raise ValueError(
+                f"kfc: layer {self.name!r}: omega_method='lagged' needs a stride-1, one-group conv with "
+                f"a kernel of at least 2 and a full KFC Omega (got kernel {self.kernel_size}, "
+                f"stride {self.stride}, groups {self.groups}); use omega_method='auto'"
+            )
+        if self.omega_method == "auto":
+            return applies and lagged_preferred(self.conv.in_channels // self.groups, self.kernel_size)
+        return applies and self.omega_method == "lagged"
+
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:
         """``Omega_hat = (1/M) [[A]]_H^T [[A]]_H`` (or the SUA model) of the input as the layer pads it.
 
@@ -112,6 +142,15 @@ class ConvBlock(KroneckerBlock):
         if self.omega_model is OmegaModel.SUA:
             omega = kron_math.conv_omega_sua(x, self.kernel_size, **geometry)
             return omega.diagonal().clone() if self.omega_diagonal else omega
+        if self.uses_lagged_omega():
+            return conv_omega_lagged(
+                x,
+                self.kernel_size,
+                padding=self.padding,
+                dilation=self.dilation,
+                homogeneous=self.has_bias,
+                chunk_size=chunk_size,
+            )
         return kron_math.conv_omega(
             x,
             self.kernel_size,
