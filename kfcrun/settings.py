@@ -52,7 +52,10 @@ class TrainerSettings:
     (``null``: all of it).
     ``lr_schedule`` (``constant``, ``cosine``, ``step`` with ``lr_milestones`` as fractions
     of the run and ``lr_decay``) scales the optimizer's learning rate per iteration
-    (:mod:`kfcrun.optim.lr_schedule`).
+    (:mod:`kfcrun.optim.lr_schedule`). ``precision``: the training forward and backward in
+    ``fp32``, or under autocast in ``bf16`` or ``fp16`` (with a ``GradScaler``); the curvature's
+    statistics, inverses and ``nu`` stay in float32/float64 either way. ``compile``: the
+    training forward through ``torch.compile`` (the curvature's own passes run eagerly).
     """
 
     batch_size: Annotated[int, integer(1, "128")] = 128
@@ -75,6 +78,8 @@ class TrainerSettings:
     device: Annotated[str, device_rule()] = "auto"
     threads: Annotated[int | None, integer(1, "2", optional=True)] = None
     progress: Annotated[bool, boolean()] = True
+    precision: Annotated[str, choice("fp32", "bf16", "fp16")] = "fp32"
+    compile: Annotated[bool, boolean()] = False
 
     def iterations(self, value: int | str, batches_per_epoch: int) -> int:
         """A period (``eval_every``, ``checkpoint_every``) in iterations for this run's epoch length."""

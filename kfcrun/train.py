@@ -271,6 +271,16 @@ class Trainer:
                 fraction = float(getattr(self.optimizer, "grad_worker_fraction", 1.0))
                 curvature = self.optimizer.curvature  # type: ignore[attr-defined]
                 distribute(DataParallelCurvatureComm(self.ctx, curvature.blocks, fraction))
+        if settings.compile:
+            if getattr(self.optimizer, "stats_from_training", False):
+                raise ConfigError(
+                    "config error: trainer.compile=true with optimizer.stats_from_training=true: a compiled "
+                    "forward cannot record the layers for the statistics; fix: set one of them to false"
+                )
+            self.train_model = cast("torch.nn.Module", torch.compile(self.train_model))
+        #: Autocast dtype of the training forward (``None``: float32) and the fp16 loss scaler.
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
         if settings.lr_schedule != "constant" and not getattr(self.optimizer, "supports_lr_schedule", True):
             raise ConfigError(
                 f"config error: trainer.lr_schedule={settings.lr_schedule} but optimizer "
@@ -302,6 +312,8 @@ class Trainer:
         self.iteration, self.clock.total_s = state["iteration"], state["train_time_s"]
         set_rng_state(state["rng"])
         self.guard.load_state_dict(state.get("divergence", {}))
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.world_size and self.is_main:
             log.warning(
@@ -503,15 +515,24 @@ class Trainer:
             apply_lr_factor(self.optimizer, factor)  # type: ignore[arg-type]
         self.clock.start()
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.train_model(inputs)
-        loss = F.cross_entropy(logits, labels)
+        half = self.autocast_dtype
+        with torch.autocast(self.device.type, dtype=half, enabled=half is not None):
+            logits = self.train_model(inputs)
+            loss = F.cross_entropy(logits, labels)
+        scaled = self.scaler.scale(loss)  # the loss itself unless fp16
         backward = getattr(self.optimizer, "backward", None)
         if backward is not None:  # KFC-pre: may take the factor statistics from this pass first
-            backward(loss, logits, labels)
+            backward(scaled, logits, labels, scaler=self.scaler)
         else:
-            loss.backward()
+            scaled.backward()
         closure = _loss_closure(self.model, inputs, labels) if self.optimizer.needs_closure else None
-        self.optimizer.step(closure, inputs=inputs, targets=labels if self.optimizer.needs_labels else None)
+        targets = labels if self.optimizer.needs_labels else None
+        if self.scaler.is_enabled():  # unscales .grad, skips the step if it is not finite
+            optimizer = cast("torch.optim.Optimizer", self.optimizer)
+            self.scaler.step(optimizer, closure, inputs=inputs, targets=targets)
+            self.scaler.update()
+        else:
+            self.optimizer.step(closure, inputs=inputs, targets=targets)
         if self.cfg.model.max_norm is not None:
             apply_max_norm(self.model, self.cfg.model.max_norm)
         self.clock.stop()
@@ -600,6 +621,7 @@ class Trainer:
                     "batches": self.batches.state_dict(),
                     "rng": rng_state(),
                     "divergence": self.guard.state_dict(),
+                    "scaler": self.scaler.state_dict(),
                     "config": config,
                     "world_size": self.world_size,
                 },

@@ -50,7 +50,7 @@ from .blocks import (
     make_block,
     split_update,
 )
-from .coverage import canonical_name, kfc_layers, layer_matches, uncovered_modules
+from .coverage import canonical_name, eager_module, kfc_layers, layer_matches, uncovered_modules
 from .derivatives import LayerPass, output_derivatives, recorded_pass
 from .diagnostics import KFCCurvatureWarning
 from .factors import EstimateAccumulator, batch_factors, batch_factors_for_loss
@@ -106,6 +106,7 @@ __all__ = [
     "canonical_name",
     "combined_grad",
     "combined_matrix",
+    "eager_module",
     "expected_fisher_losses",
     "kfc_layers",
     "layer_matches",

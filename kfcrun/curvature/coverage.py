@@ -40,6 +40,7 @@ __all__ = [
     "WRAPPER_PREFIXES",
     "canonical_name",
     "covered_parameter_names",
+    "eager_module",
     "kfc_layers",
     "layer_matches",
     "uncovered_modules",
@@ -61,6 +62,18 @@ def canonical_name(name: str) -> str:
     """``name`` without wrapper components, e.g. ``module._orig_mod.conv1`` -> ``conv1``."""
     parts = [part for part in name.split(".") if part and part not in WRAPPER_PREFIXES]
     return ".".join(parts)
+
+
+def eager_module(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (``model._orig_mod``), else ``model`` itself.
+
+    The curvature's own passes (statistics, Fisher-vector products) hook layers at run
+    time; a compiled graph would not call hooks registered after compilation, so these
+    passes run the same parameters eagerly. The training forward stays compiled.
+    """
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod  # type: ignore[assignment]
+    return model
 
 
 def _trainable(module: nn.Module, attr: str) -> bool:

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .blocks import CurvatureBlock, Estimate, make_block
 from .coverage import kfc_layers
 from .derivatives import LayerPass, recorded_pass
 from .fisher import LossFn, nll_sum
+from .kron_math import accumulation_dtype
 
 __all__ = [
     "EstimateAccumulator",
@@ -76,6 +78,7 @@ def pass_estimates(
     chunk_size: int | None = None,
     keep_graph: bool = False,
     examples: int | None = None,
+    loss_scale: Tensor | None = None,
 ) -> dict[str, Estimate]:
     """``{name: estimate}`` from a recorded forward pass and the loss(es) computed from its output.
 
@@ -85,25 +88,45 @@ def pass_estimates(
     ``keep_graph=True`` keeps it for the caller's own backward (statistics from the
     training pass). ``examples=n`` uses only the first ``n`` examples of every layer's
     input and ``DS`` (dim 0), the estimate of that subset when ``losses`` only involve it.
+    ``loss_scale`` (a 0-d tensor ``s``, e.g. a ``GradScaler``'s scale under float16 autocast):
+    each loss is differentiated as ``s * loss``, so that small half-precision derivatives do
+    not underflow, and ``DS`` is divided by ``s`` in float32 before any statistic: the
+    estimates are those of the unscaled loss (``Gamma`` would otherwise carry ``s^2``). A
+    scale that overflowed gives non-finite estimates, which the fold skips.
     """
     loss_list = _as_losses(losses)
     names = layer_pass.names
     recorded = {name: _first(layer_pass.layer_inputs(name), examples) for name in names}
-    contexts = {name: blocks[name].pass_context(recorded[name]) for name in names}
+    # The caller may be inside autocast (statistics from a mixed-precision training pass):
+    # the statistics' GEMMs run at the inputs' precision, at least float32, not in half.
+    no_autocast = torch.autocast(loss_list[0].device.type, enabled=False)
+    with no_autocast:
+        contexts = {name: blocks[name].pass_context(recorded[name]) for name in names}
     totals: dict[str, Tensor] = {}
     for k, loss in enumerate(loss_list):
         retain = keep_graph or k < len(loss_list) - 1
-        derivatives = layer_pass.derivatives(loss, retain_graph=retain)
-        for name, ds in derivatives.items():
-            part = blocks[name].pass_statistic(recorded[name], _first(ds, examples), contexts[name])
-            totals[name] = part if name not in totals else totals[name].add_(part)
+        scaled = loss if loss_scale is None else loss * loss_scale
+        derivatives = layer_pass.derivatives(scaled, retain_graph=retain)
+        if loss_scale is not None:
+            derivatives = {name: _unscaled(ds, loss_scale) for name, ds in derivatives.items()}
+        with no_autocast:
+            for name, ds in derivatives.items():
+                part = blocks[name].pass_statistic(recorded[name], _first(ds, examples), contexts[name])
+                totals[name] = part if name not in totals else totals[name].add_(part)
     del loss_list, contexts
     if not keep_graph:
         layer_pass.release_graph()
-    return {
-        name: blocks[name].batch_estimate(recorded[name], totals[name], chunk_size=chunk_size)
-        for name in names
-    }
+    with no_autocast:
+        return {
+            name: blocks[name].batch_estimate(recorded[name], totals[name], chunk_size=chunk_size)
+            for name in names
+        }
+
+
+def _unscaled(derivatives: list[Tensor], loss_scale: Tensor) -> list[Tensor]:
+    """``DS / s`` in at least float32 (dividing in float16 would underflow again)."""
+    scaled = [(d, accumulation_dtype(d.dtype)) for d in derivatives]
+    return [d.to(dtype) / loss_scale.to(dtype) for d, dtype in scaled]
 
 
 def _first(tensors: list[Tensor], examples: int | None) -> list[Tensor]:

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from .blocks import DEFAULT_MAX_FACTOR_DIM, ConvBlock, CurvatureBlock, Estimate, make_block
 from .capture import ActivationCapture
-from .coverage import canonical_name, kfc_layers, uncovered_modules, unmatched_patterns
+from .coverage import canonical_name, eager_module, kfc_layers, uncovered_modules, unmatched_patterns
 from .derivatives import LayerPass
 from .diagnostics import KFCCurvatureWarning, warn
 from .factors import EstimateAccumulator, block_estimates, pass_estimates
@@ -172,7 +172,7 @@ class KFCCurvature:
             raise ValueError(f"stat_decay must be in [0, 1), got {stat_decay}")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-        self.model = model
+        self.model = eager_module(model)  # hooks fire in the statistics pass even if compiled
         self.stat_decay = stat_decay
         self.ema_warmup = ema_warmup
         self.damping_mode = DampingMode.parse(damping_mode, "damping_mode")
@@ -324,6 +324,7 @@ class KFCCurvature:
         *,
         generator: torch.Generator | None = None,
         examples: int | None = None,
+        loss_scale: Tensor | None = None,
     ) -> dict[str, Estimate]:
         """Estimates (Eqn 32) from a forward recorded by :meth:`recording`, keeping its graph.
 
@@ -333,7 +334,9 @@ class KFCCurvature:
         works afterwards; no ``.grad`` is touched). ``examples=n`` estimates from the first
         ``n`` examples only (their loss alone is differentiated, and the Omega pass sees
         only their inputs): the same estimate as a separate pass on ``x[:n]`` for a network
-        whose examples do not interact (no BatchNorm in train mode).
+        whose examples do not interact (no BatchNorm in train mode). ``loss_scale``: the
+        sampled loss is differentiated scaled and ``DS`` unscaled (float16 autocast with a
+        ``GradScaler``; see :func:`~kfcrun.curvature.factors.pass_estimates`).
         """
         if examples is not None and examples < 1:
             raise ValueError(f"examples must be >= 1 or None, got {examples}")
@@ -351,6 +354,7 @@ class KFCCurvature:
             chunk_size=self.chunk_size,
             keep_graph=True,
             examples=examples,
+            loss_scale=loss_scale,
         )
 
     def fold_statistics(

@@ -73,7 +73,14 @@ from typing import Annotated, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from kfcrun.curvature import DEFAULT_MAX_FACTOR_DIM, DampingMode, FisherType, Likelihood, OmegaModel
+from kfcrun.curvature import (
+    DEFAULT_MAX_FACTOR_DIM,
+    OMEGA_METHODS,
+    DampingMode,
+    FisherType,
+    Likelihood,
+    OmegaModel,
+)
 from kfcrun.optim.averaging import AVERAGING_MODES
 from kfcrun.optim.curvature_steps import Batches
 from kfcrun.optim.kfc_base import KFCOptimizerBase, StepInputs, parse_inverse_dtype
@@ -147,6 +154,9 @@ class KFAC(KFCOptimizerBase):
             model built from this Fisher.
         avg_decay, avg_mode, avg_start: iterate averaging, as for :class:`kfcrun.optim.SGD`.
         seed: seeds the generator of the sampled targets.
+        omega_method, stats_from_training: the speed options, as for KFC-pre (same steps
+            either way). KFC-pre's ``async_inverses`` is not offered: the ``gamma`` candidates
+            of a ``T_2`` iteration are fitted together and chosen at once.
         chunk_size, inverse_dtype, record_inputs, grad_worker_fraction: as for KFC-pre. Data
             parallel (:meth:`distribute`), the quadratic model's Fisher products and ``h`` are
             summed over ranks, so every rank chooses the same ``alpha``, ``mu``, ``lambda``, ``gamma``.
@@ -206,6 +216,8 @@ class KFAC(KFCOptimizerBase):
         chunk_size: int | None = None,
         inverse_dtype: Annotated[torch.dtype | str | None, choice("float64", "float32")] = torch.float64,
         record_inputs: bool = True,
+        omega_method: Annotated[str, choice(*OMEGA_METHODS)] = "auto",
+        stats_from_training: Annotated[bool, boolean()] = False,
         grad_worker_fraction: Annotated[float, number("1.0", ge=0, le=1)] = 1.0,
     ) -> None:
         compute_dtype = parse_inverse_dtype(KFAC, inverse_dtype)
@@ -243,6 +255,8 @@ class KFAC(KFCOptimizerBase):
             chunk_size=chunk_size,
             inverse_dtype=compute_dtype,
             record_inputs=record_inputs,
+            omega_method=omega_method,
+            stats_from_training=stats_from_training,
             grad_worker_fraction=grad_worker_fraction,
         )
         self.fixed_lr, self.fixed_momentum = lr, momentum

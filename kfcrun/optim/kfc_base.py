@@ -26,6 +26,7 @@ Subclasses write ``step``; see :class:`~kfcrun.optim.KFCPre` and :class:`~kfcrun
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -40,9 +41,11 @@ from kfcrun.curvature import (
     DampingMode,
     FisherType,
     KFCCurvature,
+    KFCCurvatureWarning,
     LayerPass,
     Likelihood,
     OmegaModel,
+    eager_module,
 )
 from kfcrun.optim.averaging import IterateAveraging
 from kfcrun.optim.curvature_steps import (
@@ -138,6 +141,16 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         grad_worker_fraction: float = 1.0,
     ) -> None:
         self.schedule = CurvatureSchedule(stats_every, inverse_every, refresh_until)
+        compiled, model = model, eager_module(model)  # the curvature's passes run eagerly
+        if stats_from_training and compiled is not model:
+            # A compiled forward does not run layer hooks added at run time: nothing to record.
+            warnings.warn(
+                "kfc: stats_from_training has no effect on a torch.compile'd model (statistics come from "
+                "a separate eager pass); pass the uncompiled model or set stats_from_training=false",
+                KFCCurvatureWarning,
+                stacklevel=3,
+            )
+            stats_from_training = False
         self.model = model
         self.curvature = KFCCurvature(
             model,
@@ -184,7 +197,7 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         self._param_names = {id(p): name for name, p in model.named_parameters()}
         self._last_stats: dict[str, Tensor] = {}
         self.recorder = BatchRecorder()
-        self._recorder_handle = self.recorder.attach(model) if record_inputs else None
+        self._recorder_handle = self.recorder.attach(compiled) if record_inputs else None
         self.refresher = CurvatureRefresher(
             self.curvature,
             self.schedule,
@@ -319,7 +332,14 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         if self._training_pass is not None:
             self._training_pass[0].close()
 
-    def backward(self, loss: Tensor, output: Tensor, targets: Tensor | None = None) -> None:
+    def backward(
+        self,
+        loss: Tensor,
+        output: Tensor,
+        targets: Tensor | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         """``loss.backward()``, taking the factor statistics from this training pass first if they are due.
 
         Use instead of ``loss.backward()`` with ``stats_from_training=True`` (the runner does):
@@ -329,6 +349,13 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         ``stats_fraction`` of the batch), so no separate statistics forward runs. ``targets``
         are the labels, used only when :attr:`needs_labels`. Without this call (a plain
         ``loss.backward(); step()`` loop) the step runs its own statistics pass as before.
+
+        Mixed precision: under float16 autocast pass ``scaler.scale(loss)`` as ``loss`` and
+        the ``scaler``: the sampled backward is then scaled by the same factor (read on the
+        device, no host sync) and its derivatives unscaled before the statistics, and
+        ``scaler.step(opt)`` unscales ``.grad`` before the step preconditions it. bfloat16
+        needs no scaler. A step the scaler skips (non-finite gradients) leaves its
+        statistics to be folded with the next step's.
         """
         recorded, self._training_pass = self._training_pass, None
         if recorded is not None:
@@ -344,6 +371,7 @@ class KFCOptimizerBase(torch.optim.Optimizer):
                         labels,
                         generator=self.generator,
                         examples=count if count < output.shape[0] else None,
+                        loss_scale=_scale_of(scaler, output.device),
                     )
                 self.refresher.add_pass_estimates(estimates, count)
             del layer_pass
@@ -512,3 +540,10 @@ class KFCOptimizerBase(torch.optim.Optimizer):
         self.refresher.pi_mean = state_dict.pop("pi_mean", None)
         self.guard.load_state_dict(state_dict.pop("staleness_guard", {}), self.device)
         super().load_state_dict(state_dict)
+
+
+def _scale_of(scaler: torch.amp.GradScaler | None, device: torch.device) -> Tensor | None:
+    """A ``GradScaler``'s current scale as a 0-d float32 tensor on ``device`` (no host sync)."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    return scaler.scale(torch.ones((), dtype=torch.float32, device=device))

@@ -43,6 +43,7 @@ from kfcrun.curvature import (
     KFCCurvature,
     Likelihood,
     OmegaModel,
+    eager_module,
 )
 from kfcrun.optim.curvature_steps import (
     CurvatureRefresher,
@@ -132,7 +133,7 @@ class KFCPreconditioner:
         for what, value in (("stats_fraction", stats_fraction), ("nu_fraction", nu_fraction)):
             if not 0 < value <= 1:
                 raise ValueError(f"{what} must be in (0, 1], got {value}")
-        self.model = model
+        self.model = eager_module(model)  # the curvature's passes run eagerly (torch.compile)
         self.damping, self.clip, self.lr, self.nu_fraction = damping, clip, lr, nu_fraction
         self.curvature = KFCCurvature(
             model,

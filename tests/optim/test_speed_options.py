@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kfcrun.optim import KFCPre
+from kfcrun.optim import KFAC, KFCPre
 from tests.helpers.optim_nets import batch, flat_params, tiny_net, train_step
 from tests.helpers.oracles import assert_close
 
@@ -61,6 +61,37 @@ def test_patch_and_lagged_omega_give_the_same_steps() -> None:
     auto, _ = _run(6, explicit_backward=False, omega_method="auto")
     patch, _ = _run(6, explicit_backward=False, omega_method="patch")
     assert_close(auto, patch, atol=1e-10, what="omega_method auto vs patch")
+
+
+KFAC_SETTINGS = dict(
+    damping=0.1, weight_decay=1e-3, stats_every=2, inverse_every=4, lambda_every=2, gamma_every=3
+)
+
+
+def _run_kfac(steps: int, *, explicit_backward: bool, **options) -> torch.Tensor:
+    """K-FAC steps with the runner's closure; ``explicit_backward``: through ``opt.backward``."""
+    model = tiny_net()
+    opt = KFAC(model, **{**KFAC_SETTINGS, **options})
+    for i in range(steps):
+        x, y = batch(i, n=8)
+        opt.zero_grad()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if explicit_backward:
+            opt.backward(loss, logits, y)
+        else:
+            loss.backward()
+        opt.step(lambda x=x, y=y: F.cross_entropy(model(x), y), inputs=x)
+    return flat_params(model)
+
+
+@pytest.mark.parametrize("options", [{"stats_from_training": True}, {"omega_method": "patch"}])
+def test_kfac_speed_options_give_the_same_steps(options: dict) -> None:
+    """K-FAC takes KFC-pre's speed options; 7 steps (lambda and gamma adapted) equal the plain path."""
+    plain = _run_kfac(7, explicit_backward=False, omega_method="auto")
+    fast = _run_kfac(7, explicit_backward=True, **options)
+    assert_close(fast, plain, atol=1e-10, what=f"K-FAC parameters with {options}")
+    assert not torch.equal(plain, flat_params(tiny_net())), "the steps moved nothing"
 
 
 def test_async_inverses_are_one_period_stale_and_resume_exactly() -> None:
