@@ -28,6 +28,7 @@ experiment's preprocessed pixels (cuda-convnet: mean-subtracted on the 0-255 sca
     python scripts/bench_step.py                       # batch 128 and 512, CPU or CUDA
     python scripts/bench_step.py --batch-sizes 512 --stats-fraction 0.5
     python scripts/bench_step.py --model resnet18 --batch-sizes 128 --cycles 1
+    python scripts/bench_step.py --threads 1 --cpu-time     # on a machine others are using
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def measure(name: str, batch: int, device_name: str, opts: dict[str, Any], iters
     torch.manual_seed(0)
     if opts.get("threads"):
         torch.set_num_threads(opts["threads"])
+    if opts.get("cpu_time"):
+        # The step and the optimizers' phase timers (time.perf_counter) count this process's CPU
+        # time instead: with one thread that is the step's wall-clock on an idle machine, and it
+        # does not grow when other processes share the cores.
+        time.perf_counter = time.process_time
     cfg = run_config(name, batch, opts)
     model = build_model(cfg.model, cfg.dataset).to(device)
     g = torch.Generator().manual_seed(0)
@@ -214,8 +220,15 @@ def main() -> None:
         help="KFC-pre rows with one speed option changed (default: all; none: --variants)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="CPU: time by process CPU time (needs --threads 1), robust to other load on the machine",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_step.json"))
     args = parser.parse_args()
+    if args.cpu_time and (args.threads != 1 or args.device != "cpu"):
+        parser.error("--cpu-time needs --device cpu --threads 1 (CPU time of several threads adds up)")
 
     opts = {
         "model": args.model,
@@ -225,6 +238,7 @@ def main() -> None:
         "nu_fraction": args.nu_fraction,
         "clip": "null" if args.no_clip else defaults["clip"],
         "threads": args.threads,
+        "cpu_time": args.cpu_time,
     }
     cycle = math.lcm(args.stats_every, args.inverse_every)
     rows = []
@@ -258,6 +272,7 @@ def main() -> None:
     )
     print(
         f"device: {args.device} ({device_desc}), torch {torch.__version__}, threads {torch.get_num_threads()}"
+        + (", clock: process CPU time" if args.cpu_time else ", clock: wall")
     )
     print(f"model: {args.model} (experiments {', '.join(EXPERIMENTS[args.model].values())})")
     print(

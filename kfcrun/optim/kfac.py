@@ -83,7 +83,7 @@ from kfcrun.curvature import (
 )
 from kfcrun.optim.averaging import AVERAGING_MODES
 from kfcrun.optim.curvature_steps import Batches
-from kfcrun.optim.kfc_base import KFCOptimizerBase, StepInputs, parse_inverse_dtype
+from kfcrun.optim.kfc_base import KFCOptimizerBase, StepInputs, parse_inverse_dtype, shared_arguments
 from kfcrun.optim.knobs import LIKELIHOOD_RULE, SKIP_LAYERS_RULE
 from kfcrun.optim.quadratic_model import (
     gamma_candidates,
@@ -229,35 +229,9 @@ class KFAC(KFCOptimizerBase):
         super().__init__(
             model,
             {"lr": lr, "momentum": momentum},
-            weight_decay=weight_decay,
-            layer_weight_decay=layer_weight_decay,
-            decay_biases=decay_biases,
-            damping=damping,
-            damping_mode=damping_mode,
-            stat_decay=stat_decay,
-            ema_warmup=ema_warmup,
-            stats_every=stats_every,
-            inverse_every=inverse_every,
-            refresh_until=refresh_until,
-            stats_fraction=stats_fraction,
-            init_examples=init_examples,
-            fisher=fisher,
-            approx=approx,
-            likelihood=likelihood,
-            skip_layers=skip_layers,
-            max_factor_dim=max_factor_dim,
             staleness_guard=StalenessGuard(nu_jump=guard_nu_jump, health_below=guard_rho),
             precondition=True,
-            avg_decay=avg_decay,
-            avg_mode=avg_mode,
-            avg_start=avg_start,
-            seed=seed,
-            chunk_size=chunk_size,
-            inverse_dtype=compute_dtype,
-            record_inputs=record_inputs,
-            omega_method=omega_method,
-            stats_from_training=stats_from_training,
-            grad_worker_fraction=grad_worker_fraction,
+            **shared_arguments(locals(), inverse_dtype=compute_dtype),
         )
         self.fixed_lr, self.fixed_momentum = lr, momentum
         self.lam = float(lambda_init if lambda_init is not None else damping)

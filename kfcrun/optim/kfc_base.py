@@ -26,8 +26,9 @@ Subclasses write ``step``; see :class:`~kfcrun.optim.KFCPre` and :class:`~kfcrun
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -65,7 +66,14 @@ from kfcrun.optim.staleness import StalenessGuard
 from kfcrun.optim.timing import PhaseTimer
 from kfcrun.schema import check_arguments
 
-__all__ = ["PHASES", "KFCOptimizerBase", "StepInputs", "parse_inverse_dtype", "subset_size"]
+__all__ = [
+    "PHASES",
+    "KFCOptimizerBase",
+    "StepInputs",
+    "parse_inverse_dtype",
+    "shared_arguments",
+    "subset_size",
+]
 
 #: Names of the timed phases, as reported by :attr:`KFCOptimizerBase.phase_times`.
 PHASES = ("statistics", "inverses", "precondition", "nu")
@@ -547,3 +555,20 @@ def _scale_of(scaler: torch.amp.GradScaler | None, device: torch.device) -> Tens
     if scaler is None or not scaler.is_enabled():
         return None
     return scaler.scale(torch.ones((), dtype=torch.float32, device=device))
+
+
+def shared_arguments(arguments: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """The knobs a subclass constructor forwards to :class:`KFCOptimizerBase` unchanged, by name.
+
+    ``arguments`` is the constructor's ``locals()``: every base keyword argument found there
+    under the same name (``model`` and ``defaults`` excepted), then ``overrides`` (knobs that
+    the subclass converts first, e.g. ``inverse_dtype``). One list of names, the base's
+    signature, instead of the same thirty keywords repeated in every subclass.
+    """
+    names = inspect.signature(KFCOptimizerBase.__init__).parameters
+    shared = {name: arguments[name] for name in names if name in arguments and name not in _NOT_SHARED}
+    return shared | overrides
+
+
+#: Base-constructor parameters a subclass passes itself, not by name from its own arguments.
+_NOT_SHARED = frozenset({"self", "model", "defaults", "staleness_guard"})

@@ -54,7 +54,14 @@ from kfcrun.curvature import (
 )
 from kfcrun.optim.averaging import AVERAGING_MODES
 from kfcrun.optim.curvature_steps import Batches
-from kfcrun.optim.kfc_base import PHASES, KFCOptimizerBase, StepInputs, parse_inverse_dtype, subset_size
+from kfcrun.optim.kfc_base import (
+    PHASES,
+    KFCOptimizerBase,
+    StepInputs,
+    parse_inverse_dtype,
+    shared_arguments,
+    subset_size,
+)
 from kfcrun.optim.knobs import LIKELIHOOD_RULE, SKIP_LAYERS_RULE
 from kfcrun.optim.staleness import StalenessGuard
 from kfcrun.schema import boolean, check_arguments, choice, integer, mapping_of_numbers, number
@@ -216,36 +223,8 @@ class KFCPre(KFCOptimizerBase):
         super().__init__(
             model,
             {"lr": lr, "momentum": momentum},
-            weight_decay=weight_decay,
-            layer_weight_decay=layer_weight_decay,
-            decay_biases=decay_biases,
-            damping=damping,
-            damping_mode=damping_mode,
-            stat_decay=stat_decay,
-            ema_warmup=ema_warmup,
-            stats_every=stats_every,
-            inverse_every=inverse_every,
-            refresh_until=refresh_until,
-            stats_fraction=stats_fraction,
-            init_examples=init_examples,
-            fisher=fisher,
-            approx=approx,
-            likelihood=likelihood,
-            skip_layers=skip_layers,
-            max_factor_dim=max_factor_dim,
             staleness_guard=StalenessGuard(nu_jump=guard_nu_jump, health_below=guard_clip),
-            precondition=precondition,
-            avg_decay=avg_decay,
-            avg_mode=avg_mode,
-            avg_start=avg_start,
-            seed=seed,
-            chunk_size=chunk_size,
-            inverse_dtype=compute_dtype,
-            record_inputs=record_inputs,
-            omega_method=omega_method,
-            async_inverses=async_inverses,
-            stats_from_training=stats_from_training,
-            grad_worker_fraction=grad_worker_fraction,
+            **shared_arguments(locals(), inverse_dtype=compute_dtype),
         )
         self.clip, self.nu_fraction = clip, nu_fraction
 

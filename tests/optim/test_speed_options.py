@@ -94,6 +94,25 @@ def test_kfac_speed_options_give_the_same_steps(options: dict) -> None:
     assert not torch.equal(plain, flat_params(tiny_net())), "the steps moved nothing"
 
 
+def test_kfac_and_kfc_pre_forward_every_shared_knob() -> None:
+    """The knobs reach the shared base (a knob dropped on the way would leave its default)."""
+    for cls, extra in ((KFCPre, {"lr": 0.1, "async_inverses": True}), (KFAC, {})):
+        opt = cls(
+            tiny_net(),
+            omega_method="patch",
+            stats_from_training=True,
+            stats_fraction=0.5,
+            stats_every=3,
+            inverse_every=6,
+            seed=7,
+            **extra,
+        )
+        assert opt.curvature.blocks["0"].omega_method == "patch", cls.__name__
+        assert opt.stats_from_training and opt.stats_fraction == 0.5, cls.__name__
+        assert (opt.schedule.stats_every, opt.schedule.inverse_every) == (3, 6), cls.__name__
+        assert opt.refresher.async_inverses == (cls is KFCPre), cls.__name__
+
+
 def test_async_inverses_are_one_period_stale_and_resume_exactly() -> None:
     """Identical to the synchronous path before the first scheduled inverse (k = T_f = 4); then behind."""
     sync, _ = _run(3, explicit_backward=False)
