@@ -19,7 +19,8 @@ minimized by ``C w = -d`` (A.2), where the model then predicts ``-1/2 d^T C^{-1}
   positive definite falls back to ``alpha`` alone);
 * :func:`model_change` - ``d^T w + 1/2 w^T C w``;
 * :func:`levenberg_marquardt` - Eqn 38's rule for ``lambda`` given ``rho`` (Eqn 37);
-* :func:`gamma_candidates` - ``gamma_-, gamma, gamma_+`` (A.2), with the floor ``gamma >= lambda``.
+* :func:`gamma_candidates` - ``gamma_-, gamma, gamma_+`` (A.2), with the floor ``gamma >= lambda``,
+  optionally widened by whole decades (see :class:`~kfcrun.optim.KFAC`'s ``gamma_search_decades``).
 
 Everything here is computed on the device in float64 without host reads, except the
 last two, which take Python floats.
@@ -115,12 +116,16 @@ def levenberg_marquardt(lam: float, rho: float, lambda_minus: float, lambda_plus
     return lam * lambda_plus
 
 
-def gamma_candidates(gamma: float, step: float, floor: float = 0.0) -> list[float]:
-    """``[gamma, gamma_-, gamma_+]`` = ``[gamma, max(step * gamma, floor), gamma / step]``, ``0 < step < 1``.
+def gamma_candidates(gamma: float, step: float, floor: float = 0.0, decades: int = 0) -> list[float]:
+    """``[gamma, gamma_-, gamma_+, ...]``: A.2's three, then ``gamma * 10^(+-j)`` for ``j = 1..decades``.
 
-    The current value comes first, so a tie in ``M`` keeps it. ``floor`` is the least
-    damping allowed (K-FAC: ``lambda``, see :class:`~kfcrun.optim.KFAC`); ``gamma`` itself is
-    raised to it first.
+    ``gamma_- = max(step * gamma, floor)`` and ``gamma_+ = gamma / step`` (``0 < step < 1``). The
+    current value comes first, so a tie in ``M`` keeps it. ``floor`` is the least damping
+    allowed (K-FAC: ``lambda``, see :class:`~kfcrun.optim.KFAC`); ``gamma`` itself is raised to it
+    first, and the wide candidates below it are raised to it too (duplicates dropped). The wide
+    candidates are relative to ``gamma``, so the set scales with the loss as ``gamma`` does.
     """
     current = max(gamma, floor)
-    return [current, max(step * current, floor), current / step]
+    local = [current, max(step * current, floor), current / step]
+    wide = [max(current * 10.0**j, floor) for i in range(1, decades + 1) for j in (-i, i)]
+    return local + [g for g in dict.fromkeys(wide) if g not in local]

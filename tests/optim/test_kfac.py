@@ -270,6 +270,28 @@ def test_lambda_moves_the_right_way(scripted_rho, factor):
         assert opt.rho == -math.inf
 
 
+def brute_force_model_values(opt, model, x, y, r, lam, candidates):
+    """``M(theta + delta) - M(theta)`` per damping candidate, from the explicit Fisher (float64)."""
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grads = gradient_of_h(model, r)
+    g = torch.cat([grads[p].reshape(-1) for p in model.parameters()])
+    prev = previous_update(opt)
+    a_matrix = explicit_fisher(model, x) + torch.diag(r * weight_mask(model) + lam)
+    values = {}
+    for gamma in candidates:
+        trial = copy.deepcopy(opt.curvature)
+        trial.update_inverses([gamma], opt.lambdas)
+        v1 = preconditioned_direction(trial, model, grads)
+        v = torch.stack([v1, prev])
+        c = v @ a_matrix @ v.T
+        w = torch.linalg.solve(c, -(v @ g))
+        values[gamma] = (w @ (v @ g) + 0.5 * w @ c @ w).item()
+    ordered = sorted(values.values())
+    assert ordered[1] - ordered[0] > 1e-6 * abs(ordered[0]), "candidates tie: the test cannot discriminate"
+    return values
+
+
 @pytest.mark.parametrize("candidates", [[0.02, 1.0, 50.0], [1.0, 50.0, 0.02], [50.0, 0.02, 1.0]])
 def test_gamma_adaptation_keeps_the_candidate_with_the_lowest_model_value(monkeypatch, candidates):
     """Three hand-made gamma candidates; K-FAC must keep the one whose (alpha, mu) give the lowest M."""
@@ -286,29 +308,11 @@ def test_gamma_adaptation_keeps_the_candidate_with_the_lowest_model_value(monkey
         seed=6,
         **FROZEN_CURVATURE,
     )
-    monkeypatch.setattr(kfac_module, "gamma_candidates", lambda gamma, step, floor: list(candidates))
+    monkeypatch.setattr(kfac_module, "gamma_candidates", lambda *args, **kwargs: list(candidates))
     kfac_step(model, opt, *batch(0))
     x, y = batch(1)
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    grads = gradient_of_h(model, r)
-    g = torch.cat([grads[p].reshape(-1) for p in model.parameters()])
-    prev = previous_update(opt)
-    a_matrix = explicit_fisher(model, x) + torch.diag(r * weight_mask(model) + lam)
-    values = {}
-    for gamma in candidates:
-        trial = copy.deepcopy(opt.curvature)
-        trial.update_inverses([gamma], opt.lambdas)
-        v1 = preconditioned_direction(trial, model, grads)
-        v = torch.stack([v1, prev])
-        c = v @ a_matrix @ v.T
-        w = torch.linalg.solve(c, -(v @ g))
-        values[gamma] = (w @ (v @ g) + 0.5 * w @ c @ w).item()
+    values = brute_force_model_values(opt, model, x, y, r, lam, candidates)
     best = min(values, key=values.get)
-    ordered = sorted(values.values())
-    assert ordered[1] - ordered[0] > 1e-6 * abs(ordered[0]), (
-        "the candidates tie: the test would not discriminate"
-    )
 
     opt.step(lambda: F.cross_entropy(model(x), y), inputs=x)
     assert opt.damping == best
@@ -318,10 +322,49 @@ def test_gamma_adaptation_keeps_the_candidate_with_the_lowest_model_value(monkey
         assert block.inverse.damping_total.item() == pytest.approx(opt.lambdas[block.name] + best)
 
 
+def test_the_wide_gamma_search_keeps_the_lowest_model_value_of_all_its_candidates():
+    """gamma_search_decades=2: seven candidates (A.2's three and 10^(+-1, +-2) times gamma), lowest M kept."""
+    r, lam, gamma = 0.01, 0.05, 0.3
+    model = tiny_net()
+    opt = KFAC(
+        model,
+        weight_decay=r,
+        damping=gamma,
+        lambda_init=lam,
+        lambda_every=None,
+        gamma_every=2,
+        gamma_floor=False,
+        gamma_search_decades=2,
+        seed=6,
+        **FROZEN_CURVATURE,
+    )
+    kfac_step(model, opt, *batch(0))
+    x, y = batch(1)
+    candidates = gamma_candidates(gamma, opt.gamma_step, 0.0, decades=2)
+    assert len(candidates) == 7
+    values = brute_force_model_values(opt, model, x, y, r, lam, candidates)
+    best = min(values, key=values.get)
+    opt.step(lambda: F.cross_entropy(model(x), y), inputs=x)
+    assert opt.damping == pytest.approx(best)
+    assert opt.step_stats()["m_decrease"].item() == pytest.approx(-values[best], rel=1e-9)
+
+
 def test_gamma_candidates_and_floor():
     assert gamma_candidates(1.0, 0.5) == [1.0, 0.5, 2.0]
     assert gamma_candidates(1.0, 0.5, floor=0.8) == [1.0, 0.8, 2.0]
     assert gamma_candidates(0.1, 0.5, floor=0.8) == [0.8, 0.8, 1.6]  # gamma itself raised to the floor
+
+
+def test_gamma_candidates_widened_by_decades():
+    assert gamma_candidates(1.0, 0.5, decades=2) == pytest.approx([1.0, 0.5, 2.0, 0.1, 10.0, 0.01, 100.0])
+    # below the floor the wide candidates are raised to it, and repeats are dropped
+    expected = [1.0, 0.5, 2.0, 0.1, 10.0, 0.05, 100.0, 1000.0]
+    assert gamma_candidates(1.0, 0.5, floor=0.05, decades=3) == pytest.approx(expected)
+    # relative to gamma: the set scales with the loss (gamma and the floor both times c)
+    c = 7.0
+    assert gamma_candidates(c * 0.3, 0.4, floor=c * 1e-3, decades=4) == pytest.approx(
+        [c * g for g in gamma_candidates(0.3, 0.4, floor=1e-3, decades=4)]
+    )
 
 
 def test_model_coefficients_fall_back_to_alpha_alone():
