@@ -78,9 +78,8 @@ def _restore_signal_handlers():
     """Give every test the process's signal handlers back as it found them.
 
     Handlers are process-wide: one installed during a test and not restored changes what a later
-    test finds. In a clean-clone run of the whole suite (2026-12-01) SIGINT was no longer the
-    default when tests/test_signals.py ran (2 failures; not reproduced in smaller subsets, the
-    test that left it was not pinned down).
+    test finds. (The suite may also START with SIGINT ignored: see ``terminal_signal_handlers`` in
+    tests/test_signals.py.)
     """
     import signal
 

@@ -24,6 +24,24 @@ ARGS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def terminal_signal_handlers():
+    """SIGINT and SIGTERM as a process started from a terminal has them, whatever started pytest.
+
+    A shell without job control starts a background command (``cmd &``, as CI scripts and
+    ``nohup`` lanes do) with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    handler; GracefulStop rightly leaves an ignored SIGINT alone, so the in-process tests below
+    would test nothing. (Two of them failed that way in a backgrounded clean-clone run.)
+    """
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for sig, handler in saved.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache_dir: Path) -> Path:
     """The uninterrupted run."""
