@@ -107,6 +107,9 @@ KFC_SMOKE = [
 #: Few inverse updates: an eigendecomposition of the 801 x 801 factors costs seconds on a CPU.
 KFAC_SMOKE = [
     "optimizer=kfac",
+    # smoke's lr is SGD's; K-FAC chooses alpha itself. A fixed alpha of 0.003 with mu still chosen
+    # by the model drove mu above 1 and the loss up at iteration 35 under kfcrun's lambda_decay.
+    "optimizer.lr=null",
     "optimizer.init_examples=128",
     "optimizer.stats_every=5",
     "optimizer.inverse_every=15",

@@ -183,6 +183,7 @@ def test_closed_form_and_rho_on_a_convex_quadratic(monkeypatch, rho_includes_lam
         damping=1.0,
         lambda_init=lam,
         lambda_every=1,
+        lambda_decay=0.95,
         gamma_every=None,
         rho_includes_lambda=rho_includes_lambda,
         seed=2,
@@ -240,7 +241,9 @@ def test_levenberg_marquardt_rule():
 )
 def test_lambda_moves_the_right_way(scripted_rho, factor):
     """Scripted losses h(theta), h(theta + delta) give a chosen rho; lambda follows Eqn 38 (T1 = 2)."""
-    settings = dict(damping=0.2, lambda_every=2, gamma_every=None, seed=4, **FROZEN_CURVATURE)
+    settings = dict(
+        damping=0.2, lambda_every=2, lambda_decay=0.95, gamma_every=None, seed=4, **FROZEN_CURVATURE
+    )
     model = tiny_net()
     opt = KFAC(model, **settings)
     kfac_step(model, opt, *batch(0))
