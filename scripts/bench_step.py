@@ -10,7 +10,8 @@ For each batch size, in the same run and on the same device (each method in a fr
   is what an epoch costs), and the seconds per step spent in each phase (statistics,
   inverses, preconditioning, ``nu``);
 * KFC-pre with one speed option changed (``--variants``, :data:`VARIANTS`): the patch-GEMM
-  Omega (the path before issue 13), statistics from the training pass, background inverses;
+  Omega (the path before issue 13), statistics from the training pass, background inverses,
+  ``nu`` on the paper's 1/4 of the batch (``cifar10_kfc`` uses 1/16);
   the step calls ``opt.backward(loss, logits)`` as the runner does;
 * K-FAC with the settings of ``experiment=cifar10_kfac`` (``--no-kfac`` skips it): the same
   over whole ``lcm(T_s, T_f, T_1, T_2)`` cycles, with its phases (statistics, inverses,
@@ -75,6 +76,7 @@ VARIANTS = {
     "kfc_pre_patch": ("KFC-pre, patch-GEMM Omega", {"omega_method": "patch"}),
     "kfc_pre_train_stats": ("KFC-pre, stats from training pass", {"stats_from_training": "true"}),
     "kfc_pre_async": ("KFC-pre, async inverses", {"async_inverses": "true"}),
+    "kfc_pre_nu_quarter": ("KFC-pre, nu on 1/4 (App. A.1)", {"nu_fraction": "0.25"}),
     "kfc_pre_fast": (
         "KFC-pre, training-pass stats + async",
         {"stats_from_training": "true", "async_inverses": "true"},
