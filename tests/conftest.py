@@ -89,3 +89,18 @@ def _restore_signal_handlers():
     for sig, handler in saved.items():
         if signal.getsignal(sig) is not handler and handler is not None:
             signal.signal(sig, handler)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Give every test the process's environment back as it found it.
+
+    The CLI tests' subprocesses inherit it: an ``OMP_NUM_THREADS=1`` left behind by a distributed
+    test once made every later CLI run single-threaded (slower, and a K-FAC smoke run took a
+    different, diverging path on the other rounding).
+    """
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)

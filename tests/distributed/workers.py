@@ -141,6 +141,17 @@ def run(world: int, spec: dict[str, Any], out: Path) -> tuple[dict[str, torch.Te
     if world == 1:
         train(0, 1, 0, spec, str(out))
     else:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        torch.multiprocessing.spawn(train, args=(world, free_port(), spec, str(out)), nprocs=world, join=True)
+        # One thread per spawned rank; set for the spawn only, so that the test process's later
+        # subprocesses (the CLI tests) keep torch's default thread count.
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        try:
+            torch.multiprocessing.spawn(
+                train, args=(world, free_port(), spec, str(out)), nprocs=world, join=True
+            )
+        finally:
+            if saved is None:
+                del os.environ["OMP_NUM_THREADS"]
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
     return torch.load(out), json.loads(Path(str(out) + ".json").read_text())
