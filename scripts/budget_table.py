@@ -105,7 +105,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    runs = {label(r): read_metrics(r / METRICS_FILE) for r in args.runs}
+    labels = [label(r) for r in args.runs]
+    if len(set(labels)) < len(labels):  # same optimizer and lr (e.g. 1 process vs P ranks): say which run
+        labels = [f"{name} [{r.name}]" for name, r in zip(labels, args.runs, strict=True)]
+    runs = {name: read_metrics(r / METRICS_FILE) for name, r in zip(labels, args.runs, strict=True)}
     empty = [name for name, rows in runs.items() if not rows]
     if empty:
         parser.error(f"no evaluations in {', '.join(empty)}; fix: let the runs evaluate at least once")
