@@ -9,7 +9,9 @@
 #      (THREADS torch threads), then under `torchrun --nproc_per_node=RANKS` (THREADS/RANKS
 #      threads each, so both use the same cores);
 #   2. the table (scripts/budget_table.py): training NLL and errors at every evaluated
-#      iteration and every step's mini-batch loss, 1 process beside RANKS.
+#      iteration and the logged mini-batch losses (every trainer.log_every steps; not every step:
+#      the divergence guard counts log intervals, and 3 one-step intervals above 3x the first
+#      loss stopped a KFC-pre run that spikes early), 1 process beside RANKS.
 #
 # Usage: scripts/ranks_cpu.sh      Environment: KFCRUN_CIFAR10_DIR, OUT, ITERS (default 40),
 #        EVAL_EVERY (5), EVAL_SIZE (2000), RANKS (2), THREADS (2), OPTIMIZERS ("sgd kfc"), PYTHON.
@@ -35,7 +37,7 @@ if [ ! -d "$DATA/train" ] && [ ! -d "$DATA/cifar-10-batches-py" ]; then
 fi
 PER_RANK=$(( THREADS / RANKS > 0 ? THREADS / RANKS : 1 ))
 mkdir -p "$OUT"
-COMMON=(dataset.root="$DATA" trainer.progress=false trainer.log_every=1 trainer.max_iters="$ITERS" trainer.max_epochs=null
+COMMON=(dataset.root="$DATA" trainer.progress=false trainer.max_iters="$ITERS" trainer.max_epochs=null
         trainer.eval_every="$EVAL_EVERY" trainer.checkpoint_every=null
         trainer.train_eval_size="$EVAL_SIZE" trainer.test_eval_size="$EVAL_SIZE")
 
