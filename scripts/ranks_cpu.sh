@@ -19,10 +19,6 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
-DATA="${KFCRUN_CIFAR10_DIR:-$ROOT/data/cifar10}"
-if [ -z "${KFCRUN_CIFAR10_DIR:-}" ] && [ ! -d "$DATA" ] && [ -d "$ROOT/../shared/data/cifar10" ]; then
-  DATA="$ROOT/../shared/data/cifar10"
-fi
 OUT="${OUT:-$ROOT/outputs/ranks_cpu/$(date +%Y-%m-%d_%H-%M-%S)}"
 ITERS="${ITERS:-40}"
 EVAL_EVERY="${EVAL_EVERY:-5}"
@@ -31,10 +27,7 @@ RANKS="${RANKS:-2}"
 THREADS="${THREADS:-2}"
 OPTIMIZERS="${OPTIMIZERS:-sgd kfc}"
 
-if [ ! -d "$DATA/train" ] && [ ! -d "$DATA/cifar-10-batches-py" ]; then
-  echo "ranks_cpu: no CIFAR-10 at $DATA; fix: set KFCRUN_CIFAR10_DIR=<dir with train/ and test/>" >&2
-  exit 2
-fi
+. "$ROOT/scripts/cifar10_dir.sh" ranks_cpu
 PER_RANK=$(( THREADS / RANKS > 0 ? THREADS / RANKS : 1 ))
 mkdir -p "$OUT"
 COMMON=(dataset.root="$DATA" trainer.progress=false trainer.max_iters="$ITERS" trainer.max_epochs=null

@@ -20,21 +20,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 KFCRUN="${KFCRUN:-$ROOT/.venv/bin/kfcrun}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
-# The data: KFCRUN_CIFAR10_DIR, else data/cifar10 (the default dataset.root), else the
-# developers' shared copy beside the repository.
-DATA="${KFCRUN_CIFAR10_DIR:-$ROOT/data/cifar10}"
-if [ -z "${KFCRUN_CIFAR10_DIR:-}" ] && [ ! -d "$DATA" ] && [ -d "$ROOT/../shared/data/cifar10" ]; then
-  DATA="$ROOT/../shared/data/cifar10"
-fi
 OUT="${OUT:-$ROOT/outputs/reproduce_cpu/$(date +%Y-%m-%d_%H-%M-%S)}"
 SGD_EPOCHS="${SGD_EPOCHS:-40}"     # 15,600 iterations at batch 128
 KFC_EPOCHS="${KFC_EPOCHS:-20}"     # 1,940 iterations at batch 512
 THREADS="${THREADS:-2}"
 
-if [ ! -d "$DATA/train" ] && [ ! -d "$DATA/cifar-10-batches-py" ]; then
-  echo "reproduce_cpu: no CIFAR-10 at $DATA; fix: set KFCRUN_CIFAR10_DIR=<dir with train/ and test/>" >&2
-  exit 2
-fi
+. "$ROOT/scripts/cifar10_dir.sh" reproduce_cpu
 mkdir -p "$OUT"
 COMMON=(dataset.root="$DATA" trainer.progress=false trainer.threads="$THREADS")
 KFC_SETTINGS=(optimizer.init_examples=5120)

@@ -23,7 +23,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 KFCRUN=("$PYTHON" -m kfcrun)
-DATA="${KFCRUN_CIFAR10_DIR:-$ROOT/../shared/data/cifar10}"
 OUT="${OUT:-$ROOT/outputs/resnet18_cpu/$(date +%Y-%m-%d_%H-%M-%S)}"
 BUDGET_S="${BUDGET_S:-1200}"
 SWEEP_ITERS="${SWEEP_ITERS:-30}"
@@ -33,10 +32,7 @@ THREADS="${THREADS:-2}"
 OPTIMIZERS="${OPTIMIZERS:-sgd kfc}"
 LOCK="${LOCK:-/tmp/kfcrun-measure.lock}"
 
-if [ ! -d "$DATA/train" ] && [ ! -d "$DATA/cifar-10-batches-py" ]; then
-  echo "resnet18_cpu: no CIFAR-10 at $DATA; fix: set KFCRUN_CIFAR10_DIR=<dir with train/ and test/>" >&2
-  exit 2
-fi
+. "$ROOT/scripts/cifar10_dir.sh" resnet18_cpu
 mkdir -p "$OUT"
 COMMON=(dataset.root="$DATA" trainer.progress=false trainer.threads="$THREADS" trainer.max_epochs=null
         trainer.train_eval_size="$EVAL_SIZE" trainer.test_eval_size="$EVAL_SIZE" trainer.eval_current=false
