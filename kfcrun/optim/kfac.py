@@ -162,6 +162,10 @@ class KFAC(KFCOptimizerBase):
         gamma_search_decades: on ``T_2`` iterations also try ``gamma * 10^(+-j)``, ``j = 1..this``
             (one more fit of the inverses and one JVP each); 0: A.2's three candidates only.
             See "The gamma search" and "kfcrun's constants" above.
+        gamma_search_at_start: also search on the first iteration (``alpha`` only, no ``v_2``),
+            so that ``damping`` seeds the search instead of holding for ``T_2`` iterations. With
+            ``gamma_floor`` the candidates stay above ``lambda_init``: a start below ``damping``
+            needs ``lambda_init`` below it. kfcrun's option, not in A.2.
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
         ema_warmup: ``xi_k = min(1 - 1/k, xi)`` for the ``k``-th statistics update (as KFC-pre).
         stats_every: ``T_s``; inverse_every: ``T_f``; refresh_until: both every iteration
@@ -219,6 +223,7 @@ class KFAC(KFCOptimizerBase):
         gamma_decay: Annotated[float, number("0.95", gt=0, lt=1)] = 0.95,
         gamma_floor: Annotated[bool, boolean()] = True,
         gamma_search_decades: Annotated[int, integer(0, "4")] = 4,
+        gamma_search_at_start: Annotated[bool, boolean()] = False,
         stat_decay: Annotated[float, number("0.95", ge=0, lt=1)] = 0.95,
         ema_warmup: Annotated[bool, boolean()] = True,
         stats_every: Annotated[int, integer(1, "10")] = 10,
@@ -266,6 +271,7 @@ class KFAC(KFCOptimizerBase):
         self.gamma_every, self.gamma_floor = gamma_every, gamma_floor
         self.gamma_step = gamma_decay ** (gamma_every or 1)
         self.gamma_search_decades = gamma_search_decades
+        self.gamma_search_at_start = gamma_search_at_start
         self.rho: float | None = None  # the last rho computed (T_1 iterations)
         self._gamma_due = False
 
@@ -317,7 +323,9 @@ class KFAC(KFCOptimizerBase):
                 "KFAC.step() needs a closure returning the mini-batch loss on the iterations that adapt "
                 "lambda (every lambda_every); call step(closure, inputs=x), or set lambda_every=None"
             )
-        self._gamma_due = self.gamma_every is not None and k % self.gamma_every == 0
+        self._gamma_due = self.gamma_every is not None and (
+            k % self.gamma_every == 0 or (k == 1 and self.gamma_search_at_start)
+        )
 
         refitted = self._refresh_curvature(k, batches, labels, force=self.guard.due())
         candidates = self._gamma_candidates()

@@ -352,6 +352,37 @@ def test_the_wide_gamma_search_keeps_the_lowest_model_value_of_all_its_candidate
     assert opt.step_stats()["m_decrease"].item() == pytest.approx(-values[best], rel=1e-9)
 
 
+def test_the_search_at_start_keeps_the_first_step_with_the_lowest_model_value(monkeypatch):
+    """gamma_search_at_start: iteration 1 tries the candidates (alpha only) and keeps the best one.
+
+    Each candidate's first step is also taken by a K-FAC that starts at that damping and does not
+    search; the searching one must end where the one with the lowest ``M(theta + delta)`` ends.
+    """
+    candidates = [10.0, 0.03, 1.0]
+    settings = dict(weight_decay=0.01, lambda_init=1e-3, lambda_every=None, gamma_every=5, seed=6)
+    start = copy.deepcopy(tiny_net().state_dict())
+
+    def first_step(damping: float, search: bool) -> tuple[KFAC, torch.Tensor]:
+        model = tiny_net()
+        model.load_state_dict(start)
+        opt = KFAC(model, damping=damping, gamma_search_at_start=search, **settings, **FROZEN_CURVATURE)
+        kfac_step(model, opt, *batch(0))
+        return opt, flat_params(model)
+
+    fixed = {gamma: first_step(gamma, search=False) for gamma in candidates}
+    decrease = {gamma: opt.step_stats()["m_decrease"].item() for gamma, (opt, _) in fixed.items()}
+    assert all(opt.damping == gamma for gamma, (opt, _) in fixed.items()), "no search without the option"
+    best = max(decrease, key=decrease.get)
+    assert best != candidates[0], "the start is the best: the test cannot tell a search from none"
+    assert sorted(decrease.values())[-1] - sorted(decrease.values())[-2] > 1e-6 * abs(decrease[best])
+
+    monkeypatch.setattr(kfac_module, "gamma_candidates", lambda *args, **kwargs: list(candidates))
+    searched, params = first_step(candidates[0], search=True)
+    assert searched.damping == best
+    assert searched.step_stats()["m_decrease"].item() == pytest.approx(decrease[best], rel=1e-9)
+    assert_close(params, fixed[best][1], rtol=1e-9, atol=1e-12, what="parameters after the first step")
+
+
 def test_gamma_candidates_and_floor():
     assert gamma_candidates(1.0, 0.5) == [1.0, 0.5, 2.0]
     assert gamma_candidates(1.0, 0.5, floor=0.8) == [1.0, 0.8, 2.0]
