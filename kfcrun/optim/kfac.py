@@ -165,7 +165,9 @@ class KFAC(KFCOptimizerBase):
         gamma_search_at_start: also search on the first iteration (``alpha`` only, no ``v_2``),
             so that ``damping`` seeds the search instead of holding for ``T_2`` iterations. With
             ``gamma_floor`` the candidates stay above ``lambda_init``: a start below ``damping``
-            needs ``lambda_init`` below it. kfcrun's option, not in A.2.
+            needs ``lambda_init`` below it. kfcrun's option, not in A.2; off by default because it
+            measured worse (the model prefers ``gamma`` of 0.3-1 on iteration 1, and from there
+            most runs went to the large-``gamma`` basin: ``outputs/results/kfac_study5``).
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
         ema_warmup: ``xi_k = min(1 - 1/k, xi)`` for the ``k``-th statistics update (as KFC-pre).
         stats_every: ``T_s``; inverse_every: ``T_f``; refresh_until: both every iteration
