@@ -14,7 +14,8 @@
 #
 # Usage: scripts/reproduce_cpu.sh            (or: make reproduce-cpu)
 # Environment: KFCRUN_CIFAR10_DIR (data), OUT (output dir), SGD_EPOCHS, KFC_EPOCHS, THREADS,
-#              KFCRUN / PYTHON (executables).
+#              KFCRUN / PYTHON (executables); SGD_LR, KFC_LR and KFC_DAMPING all set: skip the
+#              sweeps and run steps 2-4 with these (e.g. the settings outputs/results/cifar10_cpu picked).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -42,19 +43,23 @@ print(OmegaConf.select(OmegaConf.load(f"{best['path']}/config.yaml"), sys.argv[2
 PY
 }
 
-say "1/4 learning-rate sweep, SGD at batch 128 (2,400 iterations per job)"
-"$KFCRUN" -m experiment=cifar10_sgd "${COMMON[@]}" trainer.max_iters=2400 trainer.max_epochs=null \
-  trainer.eval_every=2400 trainer.checkpoint_every=null 'optimizer.lr=0.01,0.003,0.001' \
-  hydra.sweep.dir="$OUT/sweep_sgd"
-SGD_LR=$(best_setting "$OUT/sweep_sgd" optimizer.lr)
+if [[ -n "${SGD_LR:-}" && -n "${KFC_LR:-}" && -n "${KFC_DAMPING:-}" ]]; then
+  say "1/4 sweeps skipped: SGD_LR, KFC_LR and KFC_DAMPING given"
+else
+  say "1/4 learning-rate sweep, SGD at batch 128 (2,400 iterations per job)"
+  "$KFCRUN" -m experiment=cifar10_sgd "${COMMON[@]}" trainer.max_iters=2400 trainer.max_epochs=null \
+    trainer.eval_every=2400 trainer.checkpoint_every=null 'optimizer.lr=0.01,0.003,0.001' \
+    hydra.sweep.dir="$OUT/sweep_sgd"
+  SGD_LR=$(best_setting "$OUT/sweep_sgd" optimizer.lr)
 
-say "1/4 learning-rate x damping sweep, KFC-pre at batch 512 (300 iterations per job)"
-"$KFCRUN" -m experiment=cifar10_kfc "${COMMON[@]}" "${KFC_SETTINGS[@]}" trainer.max_iters=300 \
-  trainer.max_epochs=null trainer.eval_every=300 trainer.checkpoint_every=null 'optimizer.lr=0.1,0.03' \
-  'optimizer.damping=0.001,1.0' hydra.sweep.dir="$OUT/sweep_kfc"
-KFC_LR=$(best_setting "$OUT/sweep_kfc" optimizer.lr)
-KFC_DAMPING=$(best_setting "$OUT/sweep_kfc" optimizer.damping)
-echo "best settings: SGD lr $SGD_LR; KFC-pre lr $KFC_LR, damping $KFC_DAMPING"
+  say "1/4 learning-rate x damping sweep, KFC-pre at batch 512 (300 iterations per job)"
+  "$KFCRUN" -m experiment=cifar10_kfc "${COMMON[@]}" "${KFC_SETTINGS[@]}" trainer.max_iters=300 \
+    trainer.max_epochs=null trainer.eval_every=300 trainer.checkpoint_every=null 'optimizer.lr=0.1,0.03' \
+    'optimizer.damping=0.001,1.0' hydra.sweep.dir="$OUT/sweep_kfc"
+  KFC_LR=$(best_setting "$OUT/sweep_kfc" optimizer.lr)
+  KFC_DAMPING=$(best_setting "$OUT/sweep_kfc" optimizer.damping)
+fi
+echo "settings: SGD lr $SGD_LR; KFC-pre lr $KFC_LR, damping $KFC_DAMPING"
 
 say "2/4 SGD, batch 128, lr $SGD_LR, $SGD_EPOCHS epochs"
 "$KFCRUN" experiment=cifar10_sgd "${COMMON[@]}" optimizer.lr="$SGD_LR" trainer.max_iters=null \
