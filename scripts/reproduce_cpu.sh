@@ -26,6 +26,12 @@ SGD_EPOCHS="${SGD_EPOCHS:-40}"     # 15,600 iterations at batch 128
 KFC_EPOCHS="${KFC_EPOCHS:-20}"     # 1,940 iterations at batch 512
 THREADS="${THREADS:-2}"
 
+given=0
+for setting in SGD_LR KFC_LR KFC_DAMPING; do [[ -n "${!setting:-}" ]] && given=$((given + 1)); done
+if (( given == 1 || given == 2 )); then
+  echo "reproduce_cpu: set all of SGD_LR, KFC_LR and KFC_DAMPING to skip the sweeps, or none of them" >&2
+  exit 2
+fi
 . "$ROOT/scripts/cifar10_dir.sh" reproduce_cpu
 mkdir -p "$OUT"
 COMMON=(dataset.root="$DATA" trainer.progress=false trainer.threads="$THREADS")
@@ -43,7 +49,7 @@ print(OmegaConf.select(OmegaConf.load(f"{best['path']}/config.yaml"), sys.argv[2
 PY
 }
 
-if [[ -n "${SGD_LR:-}" && -n "${KFC_LR:-}" && -n "${KFC_DAMPING:-}" ]]; then
+if (( given == 3 )); then
   say "1/4 sweeps skipped: SGD_LR, KFC_LR and KFC_DAMPING given"
 else
   say "1/4 learning-rate sweep, SGD at batch 128 (2,400 iterations per job)"

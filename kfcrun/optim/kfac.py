@@ -164,8 +164,8 @@ class KFAC(KFCOptimizerBase):
             See "The gamma search" and "kfcrun's constants" above.
         gamma_search_at_start: also search on the first iteration (``alpha`` only, no ``v_2``),
             so that ``damping`` seeds the search instead of holding for ``T_2`` iterations. With
-            ``gamma_floor`` the candidates stay above ``lambda_init``: a start below ``damping``
-            needs ``lambda_init`` below it. kfcrun's option, not in A.2; off by default because it
+            ``gamma_floor`` no candidate goes below ``lambda``, which starts at ``damping`` unless
+            ``lambda_init`` is set lower. kfcrun's option, not in A.2; off by default because it
             measured worse (the model prefers ``gamma`` of 0.3-1 on iteration 1, and from there
             most runs went to the large-``gamma`` basin: ``outputs/results/kfac_study5``).
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
