@@ -610,6 +610,15 @@ class KFCCurvature:
         """Whether this rank fits block ``name``'s inverse (always, in one process)."""
         return self.comm is None or self.comm.owner(name) == self.comm.rank
 
+    def largest_mean_eigenvalue(self) -> float | None:
+        """``max_l tr(F_hat_l) / n_l`` over the blocks with statistics (one host read); ``None`` if none.
+
+        The running factors are the same on every rank (their statistics are all-reduced), so
+        data-parallel ranks agree on it.
+        """
+        means = [m for m in (block.mean_eigenvalue() for block in self.blocks.values()) if m is not None]
+        return float(torch.stack([m.to(torch.float64) for m in means]).max()) if means else None
+
     def owned_blocks(self) -> dict[str, CurvatureBlock]:
         """The blocks whose inverses this rank fits (all of them in one process)."""
         return {name: block for name, block in self.blocks.items() if self.owns(name)}

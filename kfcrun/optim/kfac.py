@@ -168,6 +168,12 @@ class KFAC(KFCOptimizerBase):
             ``lambda_init`` is set lower. kfcrun's option, not in A.2; off by default because it
             measured worse (the model prefers ``gamma`` of 0.3-1 on iteration 1, and from there
             most runs went to the large-``gamma`` basin: ``outputs/results/kfac_study5``).
+        gamma_ceiling: keep ``gamma <= gamma_ceiling * max_l tr(F_hat_l) / n_l``, a multiple of
+            the largest block's mean eigenvalue (from the running factors at each fit, one host
+            read; it scales with the loss as ``gamma`` does). Far above that scale every block's
+            ``v_1`` is nearly the gradient, ``alpha`` absorbs ``gamma`` and ``M`` is flat in it, so
+            the search can drift beyond the reach of its candidates. Where ceiling and floor cross,
+            the floor wins. ``None`` (default): no ceiling. kfcrun's option, not in A.2.
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
         ema_warmup: ``xi_k = min(1 - 1/k, xi)`` for the ``k``-th statistics update (as KFC-pre).
         stats_every: ``T_s``; inverse_every: ``T_f``; refresh_until: both every iteration
@@ -190,7 +196,8 @@ class KFAC(KFCOptimizerBase):
             parallel (:meth:`distribute`), the quadratic model's Fisher products and ``h`` are
             summed over ranks, so every rank chooses the same ``alpha``, ``mu``, ``lambda``, ``gamma``.
 
-    :meth:`step_stats` holds the last step's ``alpha``, ``mu``, ``lambda``, ``damping`` (``gamma``),
+    :meth:`step_stats` holds the last step's ``alpha``, ``mu``, ``lambda``, ``damping`` (``gamma``)
+    and ``damping_ceiling`` (with ``gamma_ceiling``),
     ``m_decrease`` (``M(theta) - M(theta + delta)``, with ``lambda``), ``nu`` (``delta^T F delta``), the
     last ``rho`` and ``h_decrease`` (``h(theta) - h(theta + delta)``), and the shared statistics.
 
@@ -226,6 +233,7 @@ class KFAC(KFCOptimizerBase):
         gamma_floor: Annotated[bool, boolean()] = True,
         gamma_search_decades: Annotated[int, integer(0, "4")] = 4,
         gamma_search_at_start: Annotated[bool, boolean()] = False,
+        gamma_ceiling: Annotated[float | None, number("1.0", gt=0, optional=True)] = None,
         stat_decay: Annotated[float, number("0.95", ge=0, lt=1)] = 0.95,
         ema_warmup: Annotated[bool, boolean()] = True,
         stats_every: Annotated[int, integer(1, "10")] = 10,
@@ -274,6 +282,8 @@ class KFAC(KFCOptimizerBase):
         self.gamma_step = gamma_decay ** (gamma_every or 1)
         self.gamma_search_decades = gamma_search_decades
         self.gamma_search_at_start = gamma_search_at_start
+        self.gamma_ceiling = gamma_ceiling
+        self._damping_ceiling = math.inf  # gamma_ceiling times the curvature scale, at the last fit
         self.rho: float | None = None  # the last rho computed (T_1 iterations)
         self._gamma_due = False
 
@@ -283,15 +293,28 @@ class KFAC(KFCOptimizerBase):
         """The least ``gamma`` allowed: ``lambda`` with ``gamma_floor`` (see the module docstring), else 0."""
         return self.lam if self.gamma_floor else 0.0
 
+    def _update_damping_ceiling(self) -> float:
+        """``gamma_ceiling * max_l tr(F_hat_l) / n_l`` of the current factors (one host read); inf if off."""
+        scale = self.curvature.largest_mean_eigenvalue() if self.gamma_ceiling is not None else None
+        if self.gamma_ceiling is not None and scale is not None and scale > 0:
+            self._damping_ceiling = self.gamma_ceiling * scale
+        return self._damping_ceiling
+
     def _gamma_candidates(self) -> list[float]:
         """The ``T_2`` candidates: A.2's three, plus whole decades with ``gamma_search_decades``."""
-        return gamma_candidates(self.damping, self.gamma_step, self.damping_floor, self.gamma_search_decades)
+        return gamma_candidates(
+            self.damping,
+            self.gamma_step,
+            self.damping_floor,
+            self.gamma_search_decades,
+            ceiling=self._update_damping_ceiling(),
+        )
 
     def _fit_dampings(self) -> list[float]:
-        """``[gamma]`` (raised to the floor), or the three candidates on a ``T_2`` iteration."""
+        """``[gamma]`` (within floor and ceiling), or the candidates on a ``T_2`` iteration."""
         if self._gamma_due:
             return self._gamma_candidates()
-        self.damping = max(self.damping, self.damping_floor)
+        self.damping = max(min(self.damping, self._update_damping_ceiling()), self.damping_floor)
         return [self.damping]
 
     # -- the step ---------------------------------------------------------------------------------
@@ -330,11 +353,11 @@ class KFAC(KFCOptimizerBase):
         )
 
         refitted = self._refresh_curvature(k, batches, labels, force=self.guard.due())
-        candidates = self._gamma_candidates()
-        if self._gamma_due and not refitted:
-            self._update_inverses(candidates)
-        if not self._gamma_due:
-            candidates = [self.damping]
+        candidates = [self.damping]
+        if self._gamma_due:
+            candidates = self._gamma_candidates()
+            if not refitted:
+                self._update_inverses(candidates)
         self._gamma_due = False
 
         with self.timer("precondition"):
@@ -501,6 +524,8 @@ class KFAC(KFCOptimizerBase):
             self._last_stats["h_decrease"] = -model["h_change"]
         if self.refresher.pi_mean is not None:
             self._last_stats["pi_mean"] = self.refresher.pi_mean
+        if math.isfinite(self._damping_ceiling):
+            self._last_stats["damping_ceiling"] = torch.tensor(self._damping_ceiling, dtype=torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
         """The shared state plus the adapted ``lambda``, ``gamma`` and the last ``rho``."""

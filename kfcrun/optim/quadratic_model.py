@@ -28,6 +28,7 @@ last two, which take Python floats.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -116,7 +117,9 @@ def levenberg_marquardt(lam: float, rho: float, lambda_minus: float, lambda_plus
     return lam * lambda_plus
 
 
-def gamma_candidates(gamma: float, step: float, floor: float = 0.0, decades: int = 0) -> list[float]:
+def gamma_candidates(
+    gamma: float, step: float, floor: float = 0.0, decades: int = 0, ceiling: float = math.inf
+) -> list[float]:
     """``[gamma, gamma_-, gamma_+, ...]``: A.2's three, then ``gamma * 10^(+-j)`` for ``j = 1..decades``.
 
     ``gamma_- = max(step * gamma, floor)`` and ``gamma_+ = gamma / step`` (``0 < step < 1``). The
@@ -124,8 +127,14 @@ def gamma_candidates(gamma: float, step: float, floor: float = 0.0, decades: int
     allowed (K-FAC: ``lambda``, see :class:`~kfcrun.optim.KFAC`); ``gamma`` itself is raised to it
     first, and the wide candidates below it are raised to it too (duplicates dropped). The wide
     candidates are relative to ``gamma``, so the set scales with the loss as ``gamma`` does.
+    ``ceiling`` is the largest damping allowed (K-FAC's ``gamma_ceiling``): every candidate,
+    ``gamma`` included, is lowered to it first; where the two cross, the floor wins.
     """
-    current = max(gamma, floor)
-    local = [current, max(step * current, floor), current / step]
-    wide = [max(current * 10.0**j, floor) for i in range(1, decades + 1) for j in (-i, i)]
+
+    def bounded(g: float) -> float:
+        return max(min(g, ceiling), floor)
+
+    current = bounded(gamma)
+    local = [current, bounded(step * current), bounded(current / step)]
+    wide = [bounded(current * 10.0**j) for i in range(1, decades + 1) for j in (-i, i)]
     return local + [g for g in dict.fromkeys(wide) if g not in local]

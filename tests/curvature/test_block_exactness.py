@@ -344,3 +344,36 @@ def test_batch_factors_report_every_block_type() -> None:
     assert kinds == {"0": "embedding", "1": "norm", "2": "linear", "4": "linear"}
     assert factors["0"][0].shape == (7,) and factors["0"][1].shape == (4, 4)
     assert factors["1"][0].shape == (4, 2, 2)
+
+
+# -- the blocks' curvature scale (K-FAC's damping ceiling) --------------------------------------------
+MEAN_EIGENVALUE_CASES = {
+    "conv": (lambda: nn.Conv2d(2, 3, 3), {}),
+    "grouped_conv": (lambda: nn.Conv2d(4, 6, 3, groups=2), {}),
+    "linear_gamma_diagonal": (lambda: nn.Linear(3, 5), {"max_factor_dim": 4}),
+    "embedding": (lambda: nn.Embedding(6, 3), {}),
+    "batch_norm": (lambda: nn.BatchNorm2d(3), {}),
+    "layer_norm_scale_only": (lambda: nn.LayerNorm(4, bias=False), {}),
+}
+
+
+@pytest.mark.parametrize("case", list(MEAN_EIGENVALUE_CASES))
+def test_mean_eigenvalue_is_the_trace_of_the_explicit_block_over_its_size(case: str) -> None:
+    make, kwargs = MEAN_EIGENVALUE_CASES[case]
+    torch.manual_seed(3)
+    block = make_block("layer", make().double(), **kwargs)
+    assert block.mean_eigenvalue() is None, "no statistics yet"
+
+    def random_psd(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if getattr(block, f"{name}_diagonal", False):
+            return torch.rand(shape, dtype=torch.float64) + 0.1  # a diagonal factor's entries
+        root = torch.randn(*shape, dtype=torch.float64)
+        return root @ root.transpose(-1, -2)
+
+    factors = tuple(random_psd(name, shape) for name, shape in block.factor_shapes().items())
+    block._set_factors(factors)
+    explicit = approx_matrix(block, factors)
+    value = block.mean_eigenvalue()
+    assert value is not None
+    assert value.item() == pytest.approx((explicit.trace() / explicit.shape[0]).item(), rel=1e-12)
+    assert value.item() == pytest.approx(torch.linalg.eigvalsh(explicit).mean().item(), rel=1e-10)

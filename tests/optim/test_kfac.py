@@ -416,20 +416,22 @@ def test_model_coefficients_fall_back_to_alpha_alone():
 
 
 # -- the gamma floor scales with the loss -----------------------------------------------------------
-def run_scaled(monkeypatch, c: float, steps: int = 8) -> tuple[torch.Tensor, list[float], list[float]]:
+def run_scaled(
+    monkeypatch, c: float, steps: int = 8, **overrides: float
+) -> tuple[torch.Tensor, list[float], list[float], KFAC]:
     """K-FAC on ``c`` times the loss, with the Fisher, r, lambda and gamma c times larger.
 
     ``c`` times the loss is the likelihood of ``c`` copies of each label: its Fisher (exact and
-    Kronecker-factored) is ``c`` times larger, which the patches below supply.
+    Kronecker-factored) is ``c`` times larger, which the patches below supply. ``overrides``
+    replace K-FAC's arguments (dampings among them are multiplied by ``c``).
     """
     model = tiny_net()
     real_gram = curvature_steps_module.fisher_gram
     monkeypatch.setattr(curvature_steps_module, "fisher_gram", lambda *a, **k: c * real_gram(*a, **k))
-    opt = KFAC(
-        model,
-        weight_decay=0.01 * c,
-        damping=0.02 * c,  # below lambda_init: the floor binds from the start
-        lambda_init=0.3 * c,
+    settings = dict(
+        weight_decay=0.01,
+        damping=0.02,  # below lambda_init: the floor binds from the start
+        lambda_init=0.3,
         lambda_min=0.0,
         lambda_every=1,
         gamma_every=2,
@@ -437,6 +439,10 @@ def run_scaled(monkeypatch, c: float, steps: int = 8) -> tuple[torch.Tensor, lis
         inverse_every=1,
         seed=7,
     )
+    settings.update(overrides)
+    for key in ("weight_decay", "damping", "lambda_init"):
+        settings[key] *= c
+    opt = KFAC(model, **settings)
     real_estimate = opt.curvature.estimate_statistics
     monkeypatch.setattr(
         opt.curvature,
@@ -448,18 +454,55 @@ def run_scaled(monkeypatch, c: float, steps: int = 8) -> tuple[torch.Tensor, lis
         kfac_step(model, opt, *batch(k), scale=c)
         lams.append(opt.lam)
         gammas.append(opt.damping)
-    return flat_params(model), lams, gammas
+    return flat_params(model), lams, gammas, opt
 
 
 def test_gamma_floor_scales_with_the_loss(monkeypatch):
-    params, lams, gammas = run_scaled(monkeypatch, 1.0)
+    params, lams, gammas, _ = run_scaled(monkeypatch, 1.0)
     monkeypatch.undo()
-    scaled_params, scaled_lams, scaled_gammas = run_scaled(monkeypatch, 8.0)
+    scaled_params, scaled_lams, scaled_gammas, _ = run_scaled(monkeypatch, 8.0)
     assert_close(scaled_params, params, rtol=1e-8, atol=1e-10, what="parameters, loss x 8")
     assert scaled_lams == pytest.approx([8.0 * v for v in lams], rel=1e-9)
     assert scaled_gammas == pytest.approx([8.0 * v for v in gammas], rel=1e-9)
     assert any(g == lam for g, lam in zip(gammas, lams, strict=True)), "the floor never bound"
     assert len(set(lams)) > 1, "lambda never moved"
+
+
+def largest_mean_eigenvalue_from_factors(opt: KFAC) -> float:
+    """``max_l tr(Omega_l x Gamma_l) / n_l`` from explicit Kronecker products of the running factors."""
+    means = []
+    for block in opt.blocks.values():
+        explicit = torch.kron(block.omega, block.gamma)
+        means.append((explicit.trace() / explicit.shape[0]).item())
+    return max(means)
+
+
+def test_gamma_ceiling_holds_gamma_below_the_curvature_scale_and_scales_with_the_loss(monkeypatch):
+    """``gamma <= gamma_ceiling * max_l tr(F_hat_l) / n_l`` from a start far above it, x c with the loss."""
+    ceiling = dict(damping=1e3, gamma_ceiling=10.0, gamma_search_decades=2)
+    params, lams, gammas, opt = run_scaled(monkeypatch, 1.0, **ceiling)
+    expected = 10.0 * largest_mean_eigenvalue_from_factors(opt)
+    assert opt.step_stats()["damping_ceiling"].item() == pytest.approx(expected, rel=1e-12)
+    assert gammas[-1] <= expected * (1 + 1e-12)
+    assert gammas[0] < 10.0, "the start 1e3 was not lowered to the ceiling at the first fit"
+    # the floor still holds (each step fits with the lambda the previous step left)
+    assert all(g >= lam for g, lam in zip(gammas[1:], lams[:-1], strict=True))
+    monkeypatch.undo()
+    scaled_params, _, scaled_gammas, scaled_opt = run_scaled(monkeypatch, 8.0, **ceiling)
+    assert_close(scaled_params, params, rtol=1e-8, atol=1e-10, what="parameters, loss x 8")
+    assert scaled_gammas == pytest.approx([8.0 * v for v in gammas], rel=1e-9)
+    assert scaled_opt.step_stats()["damping_ceiling"].item() == pytest.approx(8.0 * expected, rel=1e-9)
+
+    monkeypatch.undo()
+    _, _, free_gammas, free_opt = run_scaled(monkeypatch, 1.0, **{**ceiling, "gamma_ceiling": None})
+    assert free_gammas[0] == 1e3, "without the ceiling gamma starts where it was set"
+    assert "damping_ceiling" not in free_opt.step_stats()
+
+
+def test_gamma_candidates_below_the_ceiling_and_the_floor_wins():
+    assert gamma_candidates(1.0, 0.5, decades=1, ceiling=1.5) == [1.0, 0.5, 1.5, 0.1]
+    assert gamma_candidates(9.0, 0.5, decades=1, ceiling=2.0) == [2.0, 1.0, 2.0, 0.2]  # gamma lowered first
+    assert gamma_candidates(9.0, 0.5, floor=3.0, ceiling=2.0) == [3.0, 3.0, 3.0]  # crossed: the floor
 
 
 # -- special cases ----------------------------------------------------------------------------------

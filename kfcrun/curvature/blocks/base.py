@@ -275,6 +275,15 @@ class CurvatureBlock(ABC):
             torch.zeros(shape, dtype=dtype, device=ref.device) for shape in self.factor_shapes().values()
         )
 
+    def mean_eigenvalue(self) -> Tensor | None:
+        """``tr(F_hat) / n``: the mean eigenvalue of the block's curvature, in the loss's units.
+
+        ``None`` before the first statistics update, and for a block type that does not say
+        (the default). One scale for the whole block, free of its structure: K-FAC's damping
+        ceiling compares ``gamma`` with it (:class:`~kfcrun.optim.KFAC`, ``gamma_ceiling``).
+        """
+        return None
+
     # -- damped inverse and solve ---------------------------------------------------------------
     def prepare_inverse(self, totals: Sequence[float], compute_dtype: torch.dtype | None) -> Tensor:
         """Start fitting the damped inverse for each ``λ + γ`` in ``totals``.
@@ -402,6 +411,25 @@ class KroneckerBlock(CurvatureBlock):
     def layout_shape(self) -> tuple[int, ...]:
         """``(g?, gamma_dim, omega_dim)``: ``[b | W]`` per group."""
         return (*self.lead, self.gamma_dim, self.omega_dim)
+
+    def mean_eigenvalue(self) -> Tensor | None:
+        """``tr(Omega x Gamma) / (o g) = (tr Omega / o)(tr Gamma / g)``, averaged over groups.
+
+        The trace of a Kronecker product is the product of the traces; a grouped layer's
+        block is block-diagonal over its groups, so its mean eigenvalue is the groups' mean.
+        A diagonal factor is its own diagonal.
+        """
+        if self.omega is None or self.gamma is None:
+            return None
+
+        def mean_diagonal(factor: Tensor, diagonal: bool) -> Tensor:
+            entries = factor if diagonal else factor.diagonal(dim1=-2, dim2=-1)
+            return entries.mean(dim=-1)
+
+        per_group = mean_diagonal(self.omega, self.omega_diagonal) * mean_diagonal(
+            self.gamma, self.gamma_diagonal
+        )
+        return per_group.mean()
 
     # -- batch estimates (Eqn 32) -------------------------------------------------------------
     def batch_omega(self, inp: Tensor, *, chunk_size: int | None = None) -> Tensor:

@@ -73,6 +73,12 @@ class NormBlock(CurvatureBlock):
         """``(P, d)``: per unit, ``(d gamma, d beta)`` (only the trainable ones)."""
         return (self.units, self.dim)
 
+    def mean_eigenvalue(self) -> Tensor | None:
+        """``tr(F) / (P d)``: the mean of the per-unit blocks' diagonals."""
+        if self.fisher is None:
+            return None
+        return self.fisher.diagonal(dim1=-2, dim2=-1).mean()
+
     # -- layout -----------------------------------------------------------------------------
     def combine(self, weight_like: Tensor | None, bias_like: Tensor | None) -> Tensor:
         """``(P, d)``: per unit, the scale entry then the shift entry (the trainable ones)."""
