@@ -235,7 +235,7 @@ def test_compiled_run_gives_the_eager_losses(tmp_path: Path, cache_dir: Path, mo
     """trainer.compile=true with KFC-pre: the training forward goes through torch.compile and the run
     equals eager exactly. The backend is aot_eager (dynamo + AOT autograd, eager kernels) so that the
     check is exact; inductor's float32 kernels round differently (3e-5 relative on train/nll after 6
-    iterations here) and are checked in float64 in tests/optim/test_precision.py."""
+    iterations here) and are checked in float64 in tests/optim/test_precision.py (marked slow)."""
     compiled_modules = []
     real_compile = torch.compile
 

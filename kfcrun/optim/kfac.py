@@ -173,7 +173,9 @@ class KFAC(KFCOptimizerBase):
             read; it scales with the loss as ``gamma`` does). Far above that scale every block's
             ``v_1`` is nearly the gradient, ``alpha`` absorbs ``gamma`` and ``M`` is flat in it, so
             the search can drift beyond the reach of its candidates. Where ceiling and floor cross,
-            the floor wins. ``None`` (default): no ceiling. kfcrun's option, not in A.2.
+            the floor wins. With ``lambda_init=None`` the first fit lowers ``gamma_0`` to the
+            ceiling before ``lambda_0 = gamma_0`` is taken, so every start above the curvature's
+            scale is the same start. ``None`` (default): no ceiling. kfcrun's option, not in A.2.
         stat_decay: ``xi`` of the factors' running averages (Eqn 33), per statistics update.
         ema_warmup: ``xi_k = min(1 - 1/k, xi)`` for the ``k``-th statistics update (as KFC-pre).
         stats_every: ``T_s``; inverse_every: ``T_f``; refresh_until: both every iteration
@@ -274,6 +276,7 @@ class KFAC(KFCOptimizerBase):
         )
         self.fixed_lr, self.fixed_momentum = lr, momentum
         self.lam = float(lambda_init if lambda_init is not None else damping)
+        self._lambda_follows_damping = lambda_init is None  # lambda_0 = gamma_0, after the ceiling
         self.lambda_every, self.lambda_min, self.lambda_max = lambda_every, lambda_min, lambda_max
         self.lambda_minus = lambda_decay ** (lambda_every or 1)
         self.lambda_plus = 1.0 / self.lambda_minus
@@ -298,6 +301,10 @@ class KFAC(KFCOptimizerBase):
         scale = self.curvature.largest_mean_eigenvalue() if self.gamma_ceiling is not None else None
         if self.gamma_ceiling is not None and scale is not None and scale > 0:
             self._damping_ceiling = self.gamma_ceiling * scale
+            if self.iteration == 0 and self._lambda_follows_damping:
+                # the first fit: gamma_0 is lowered to the ceiling, and lambda_0 = gamma_0 with it
+                self.damping = min(self.damping, self._damping_ceiling)
+                self.lam = min(self.lam, self.damping)
         return self._damping_ceiling
 
     def _gamma_candidates(self) -> list[float]:
@@ -528,9 +535,14 @@ class KFAC(KFCOptimizerBase):
             self._last_stats["damping_ceiling"] = torch.tensor(self._damping_ceiling, dtype=torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
-        """The shared state plus the adapted ``lambda``, ``gamma`` and the last ``rho``."""
+        """The shared state plus the adapted ``lambda``, ``gamma``, the last ``rho`` and damping ceiling."""
         state = super().state_dict()
-        state["kfac"] = {"lambda": self.lam, "gamma": self.damping, "rho": self.rho}
+        state["kfac"] = {
+            "lambda": self.lam,
+            "gamma": self.damping,
+            "rho": self.rho,
+            "damping_ceiling": self._damping_ceiling,
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -538,6 +550,7 @@ class KFAC(KFCOptimizerBase):
         state_dict = dict(state_dict)
         adapted = state_dict.pop("kfac")
         self.lam, self.damping, self.rho = float(adapted["lambda"]), float(adapted["gamma"]), adapted["rho"]
+        self._damping_ceiling = float(adapted.get("damping_ceiling", math.inf))  # absent in older checkpoints
         super().load_state_dict(state_dict)
 
 

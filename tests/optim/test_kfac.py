@@ -499,6 +499,32 @@ def test_gamma_ceiling_holds_gamma_below_the_curvature_scale_and_scales_with_the
     assert "damping_ceiling" not in free_opt.step_stats()
 
 
+@pytest.mark.parametrize("lambda_init", [None, 1e-3])
+def test_gamma_ceiling_lowers_the_start_and_lambda_follows_it_unless_set(lambda_init):
+    """The first fit lowers ``gamma_0`` to the ceiling; then ``lambda_0 = gamma_0`` unless ``lambda_init``."""
+    model = tiny_net()
+    opt = KFAC(
+        model,
+        damping=1e3,
+        lambda_init=lambda_init,
+        gamma_ceiling=2.0,
+        lambda_every=None,
+        gamma_every=None,
+        **FROZEN_CURVATURE,
+    )
+    kfac_step(model, opt, *batch(0))  # the factors of this step's statistics stay (frozen schedule)
+    ceiling = 2.0 * largest_mean_eigenvalue_from_factors(opt)
+    assert 1e-3 < ceiling < 1e3, "the test needs the ceiling between lambda_init and gamma_0"
+    assert opt.damping == pytest.approx(ceiling, rel=1e-12)
+    assert opt.lam == pytest.approx(ceiling if lambda_init is None else lambda_init, rel=1e-12)
+    for block in opt.blocks.values():
+        assert block.inverse.damping_total.item() == pytest.approx(opt.lambdas[block.name] + ceiling)
+    restored = KFAC(tiny_net(), damping=1e3, gamma_ceiling=2.0, **FROZEN_CURVATURE)
+    restored.load_state_dict(opt.state_dict())
+    assert (restored.damping, restored.lam) == (opt.damping, opt.lam)
+    assert restored._damping_ceiling == opt._damping_ceiling == pytest.approx(ceiling, rel=1e-12)
+
+
 def test_gamma_candidates_below_the_ceiling_and_the_floor_wins():
     assert gamma_candidates(1.0, 0.5, decades=1, ceiling=1.5) == [1.0, 0.5, 1.5, 0.1]
     assert gamma_candidates(9.0, 0.5, decades=1, ceiling=2.0) == [2.0, 1.0, 2.0, 0.2]  # gamma lowered first

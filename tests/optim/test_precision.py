@@ -42,9 +42,12 @@ def _losses(model: nn.Module, opt: torch.optim.Optimizer, steps: int, *, explici
 
 BACKENDS = [
     "aot_eager",
-    pytest.param(
+    pytest.param(  # generates and compiles C++ kernels: about 25 s cold on 2 cores, so `slow`
         "inductor",
-        marks=pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler"),
+        marks=[
+            pytest.mark.slow,
+            pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler"),
+        ],
     ),
 ]
 
