@@ -31,13 +31,14 @@ from kfcrun.analysis.runs import AnalysisError
 #: K-FAC's adapted values, the default panels.
 KFAC_STATS = ("alpha", "mu", "lambda", "damping", "rho", "m_decrease")
 #: Statistics drawn on a log axis (positive, spanning decades).
-LOG_STATS = {"lambda", "damping", "m_decrease", "h_decrease", "nu", "pi_mean"}
+LOG_STATS = {"lambda", "damping", "damping_ceiling", "m_decrease", "h_decrease", "nu", "pi_mean"}
 #: Panel titles.
 TITLES = {
     "alpha": "alpha (step size)",
     "mu": "mu (momentum)",
     "lambda": "lambda (trust region)",
     "damping": "gamma (damping)",
+    "damping_ceiling": "gamma ceiling",
     "rho": "rho (reduction ratio)",
     "m_decrease": "M(theta) - M(theta + delta)",
     "h_decrease": "h(theta) - h(theta + delta)",

@@ -338,6 +338,7 @@ def test_the_wide_gamma_search_keeps_the_lowest_model_value_of_all_its_candidate
         gamma_every=2,
         gamma_floor=False,
         gamma_search_decades=2,
+        gamma_ceiling=None,  # the search alone
         seed=6,
         **FROZEN_CURVATURE,
     )
@@ -359,7 +360,9 @@ def test_the_search_at_start_keeps_the_first_step_with_the_lowest_model_value(mo
     search; the searching one must end where the one with the lowest ``M(theta + delta)`` ends.
     """
     candidates = [10.0, 0.03, 1.0]
-    settings = dict(weight_decay=0.01, lambda_init=1e-3, lambda_every=None, gamma_every=5, seed=6)
+    settings = dict(
+        weight_decay=0.01, lambda_init=1e-3, lambda_every=None, gamma_every=5, gamma_ceiling=None, seed=6
+    )
     start = copy.deepcopy(tiny_net().state_dict())
 
     def first_step(damping: float, search: bool) -> tuple[KFAC, torch.Tensor]:
@@ -509,7 +512,7 @@ def test_gamma_ceiling_lowers_the_start_and_lambda_follows_it_unless_set(lambda_
         lambda_init=lambda_init,
         gamma_ceiling=2.0,
         lambda_every=None,
-        gamma_every=None,
+        gamma_every=100,  # adapted (the ceiling holds), but no T_2 search in this test
         **FROZEN_CURVATURE,
     )
     kfac_step(model, opt, *batch(0))  # the factors of this step's statistics stay (frozen schedule)
