@@ -52,7 +52,8 @@ whole decade apart up to ``gamma_search_decades`` decades either way let the sea
 wrong basin; ``0`` is A.2 as written.
 
 **The gamma ceiling** (``gamma_ceiling``, off by default; 1 in ``cifar10_kfac``). Far above the
-curvature's own scale every block's ``v_1`` is nearly ``-grad h / gamma``: ``alpha`` absorbs ``1/gamma`` and ``M`` is flat in ``gamma``,
+curvature's own scale every block's ``v_1`` is nearly ``-grad h / gamma``: ``alpha`` absorbs
+``1/gamma`` and ``M`` is flat in ``gamma``,
 so a search that goes there drifts out of the reach of its candidates (to 1e9-1e14 in
 ``outputs/results/kfac_study5``). kfcrun holds ``gamma <= gamma_ceiling * max_l tr(F_hat_l) / n_l``,
 the largest block's mean eigenvalue (:meth:`~kfcrun.curvature.CurvatureBlock.mean_eigenvalue`)
