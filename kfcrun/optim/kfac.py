@@ -53,9 +53,8 @@ wrong basin; ``0`` is A.2 as written.
 
 **The gamma ceiling** (``gamma_ceiling``, off by default; 1 in ``cifar10_kfac``). Far above the
 curvature's own scale every block's ``v_1`` is nearly ``-grad h / gamma``: ``alpha`` absorbs
-``1/gamma`` and ``M`` is flat in ``gamma``,
-so a search that goes there drifts out of the reach of its candidates (to 1e9-1e14 in
-``outputs/results/kfac_study5``). kfcrun holds ``gamma <= gamma_ceiling * max_l tr(F_hat_l) / n_l``,
+``1/gamma`` and ``M`` is flat in ``gamma``, so a search that goes there drifts out of the reach
+of its candidates (to 1e9-1e14 in ``outputs/results/kfac_study5``). kfcrun holds ``gamma <= gamma_ceiling * max_l tr(F_hat_l) / n_l``,
 the largest block's mean eigenvalue (:meth:`~kfcrun.curvature.CurvatureBlock.mean_eigenvalue`)
 from the running factors at each fit. It is a curvature, so it scales with the loss as ``gamma``
 and the floor do; where it crosses the floor, the floor wins. With ``lambda_init`` unset the
@@ -308,6 +307,7 @@ class KFAC(KFCOptimizerBase):
         self._damping_ceiling = math.inf  # gamma_ceiling times the curvature scale, at the last fit
         self.rho: float | None = None  # the last rho computed (T_1 iterations)
         self._gamma_due = False
+        self._fitted_dampings: list[float] = []  # what the last _fit_dampings returned
 
     # -- damping ---------------------------------------------------------------------------------
     @property
@@ -340,9 +340,11 @@ class KFAC(KFCOptimizerBase):
     def _fit_dampings(self) -> list[float]:
         """``[gamma]`` (within floor and ceiling), or the candidates on a ``T_2`` iteration."""
         if self._gamma_due:
-            return self._gamma_candidates()
-        self.damping = max(min(self.damping, self._update_damping_ceiling()), self.damping_floor)
-        return [self.damping]
+            self._fitted_dampings = self._gamma_candidates()
+        else:
+            self.damping = max(min(self.damping, self._update_damping_ceiling()), self.damping_floor)
+            self._fitted_dampings = [self.damping]
+        return self._fitted_dampings
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -382,7 +384,8 @@ class KFAC(KFCOptimizerBase):
         refitted = self._refresh_curvature(k, batches, labels, force=self.guard.due())
         candidates = [self.damping]
         if self._gamma_due:
-            candidates = self._gamma_candidates()
+            # a refit on this iteration already fitted the candidates: reuse them (no second host read)
+            candidates = self._fitted_dampings if refitted else self._gamma_candidates()
             if not refitted:
                 self._update_inverses(candidates)
         self._gamma_due = False
