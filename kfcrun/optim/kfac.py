@@ -54,7 +54,8 @@ wrong basin; ``0`` is A.2 as written.
 **The gamma ceiling** (``gamma_ceiling``, off by default; 1 in ``cifar10_kfac``). Far above the
 curvature's own scale every block's ``v_1`` is nearly ``-grad h / gamma``: ``alpha`` absorbs
 ``1/gamma`` and ``M`` is flat in ``gamma``, so a search that goes there drifts out of the reach
-of its candidates (to 1e9-1e14 in ``outputs/results/kfac_study5``). kfcrun holds ``gamma <= gamma_ceiling * max_l tr(F_hat_l) / n_l``,
+of its candidates (to 1e9-1e14 in ``outputs/results/kfac_study5``). kfcrun holds
+``gamma <= gamma_ceiling * max_l tr(F_hat_l) / n_l``,
 the largest block's mean eigenvalue (:meth:`~kfcrun.curvature.CurvatureBlock.mean_eigenvalue`)
 from the running factors at each fit. It is a curvature, so it scales with the loss as ``gamma``
 and the floor do; where it crosses the floor, the floor wins. With ``lambda_init`` unset the
