@@ -1,12 +1,19 @@
-"""Evaluation of a classifier on a tensor dataset: mean NLL (nats) and error rate."""
+"""Evaluation of a classifier on a tensor dataset: mean NLL (nats) and error rate.
+
+:func:`batchnorm_statistics_for_current_parameters` recomputes BatchNorm's running
+statistics for the parameters the model holds (the averaged iterates), as evaluating an
+average of the weights needs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 @torch.no_grad()
@@ -37,3 +44,60 @@ def evaluate(
         model.train(was_training)
     n = len(images)
     return {"nll": total_nll.item() / n, "error": wrong.item() / n}
+
+
+def tracked_batchnorms(model: nn.Module) -> list[_BatchNorm]:
+    """The model's BatchNorm layers that keep running statistics (used in eval mode)."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+@contextmanager
+def batchnorm_statistics_for_current_parameters(
+    model: nn.Module,
+    images: torch.Tensor,
+    preprocess: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 1000,
+) -> Iterator[None]:
+    """Inside: every BatchNorm's running statistics recomputed for the parameters the model holds now.
+
+    The running mean and variance a BN network is evaluated with were gathered along the
+    training iterates; with other parameters swapped in (the averaged iterates) they no
+    longer match the activations, and the network can fall to chance. So, as for SWA
+    (``torch.optim.swa_utils.update_bn``): reset the statistics and run the model over
+    ``images`` in batches of ``batch_size`` with only the BatchNorm layers in training mode
+    and ``momentum=None``, which makes each running mean the plain average over the batches
+    of the batch means, and each running variance the average of the unbiased batch
+    variances. Unlike ``update_bn`` every other layer stays in eval mode (dropout off,
+    no random numbers drawn), and on exit the statistics, momenta and modes are restored,
+    so training continues exactly as without the evaluation. A model without tracked
+    BatchNorm is left alone.
+    """
+    norms = tracked_batchnorms(model)
+    if not norms:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(m.momentum, [b.detach().clone() for b in m.buffers(recurse=False)]) for m in norms]
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                model(preprocess(images[start : start + batch_size]))
+        _restore_modes(modes)
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (momentum, buffers) in zip(norms, saved, strict=True):
+                m.momentum = momentum
+                for buffer, value in zip(m.buffers(recurse=False), buffers, strict=True):
+                    buffer.copy_(value)
+        _restore_modes(modes)
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training

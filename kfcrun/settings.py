@@ -49,7 +49,11 @@ class TrainerSettings:
     ``max_train_seconds`` stops the run once that much training time (``train_time_s``) is
     used, a time budget on top of the iteration budget (the stop iteration then depends on
     the machine's speed). ``test_eval_size`` evaluates on a fixed random subset of the test set
-    (``null``: all of it).
+    (``null``: all of it). ``averaged_bn``: BatchNorm's running statistics for the averaged
+    parameters, either recomputed (``recompute``) on the training evaluation subset before they are evaluated
+    (:func:`kfcrun.evaluate.batchnorm_statistics_for_current_parameters`; the training run's
+    own statistics are restored afterwards), or the ``running`` ones gathered along the
+    training iterates, which do not match an average of the weights.
     ``lr_schedule`` (``constant``, ``cosine``, ``step`` with ``lr_milestones`` as fractions
     of the run and ``lr_decay``) scales the optimizer's learning rate per iteration
     (:mod:`kfcrun.optim.lr_schedule`). ``precision``: the training forward and backward in
@@ -67,6 +71,7 @@ class TrainerSettings:
     test_eval_size: Annotated[int | None, integer(1, "1000", optional=True)] = None
     eval_batch_size: Annotated[int, integer(1, "1000")] = 1000
     eval_current: Annotated[bool, boolean()] = True
+    averaged_bn: Annotated[str, choice("recompute", "running")] = "recompute"
     checkpoint_every: Annotated[int | str | None, period("1000", optional=True)] = 1000
     log_every: Annotated[int, integer(1, "10")] = 10
     lr_schedule: Annotated[str, choice("constant", "cosine", "step")] = "constant"

@@ -46,6 +46,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -62,7 +63,7 @@ from kfcrun.data import DatasetConfig, DeviceBatches, ImageData, Preprocessor
 from kfcrun.distributed import DataParallelCurvatureComm, DistributedContext, wrap_data_parallel
 from kfcrun.divergence import DivergenceGuard, DivergenceSettings
 from kfcrun.errors import CheckpointError, ConfigError, KfcrunError, TrainingDivergedError
-from kfcrun.evaluate import evaluate
+from kfcrun.evaluate import batchnorm_statistics_for_current_parameters, evaluate
 from kfcrun.launch import context, share_job
 from kfcrun.logging import MetricsLogger, read_metrics, run_record, truncate_metrics, write_json
 from kfcrun.optim.constraints import apply_max_norm
@@ -262,6 +263,8 @@ class Trainer:
         self.optimizer: TrainingOptimizer = build_optimizer(
             cfg.optimizer, self.model, settings.batch_size, seed=cfg.seed
         )
+        #: Whether the optimizer averages its iterates (else "averaged" evaluations see the current ones).
+        self.averaging = cfg.optimizer.get("avg_timescale") is not None
         #: The module the training forward runs through (DDP in a data-parallel run).
         self.train_model: torch.nn.Module = self.model
         if self.ctx is not None:
@@ -574,12 +577,21 @@ class Trainer:
             "train_time_s": self.clock.total_s,
             "elapsed_s": time.perf_counter() - self.wall_start,
         }
-        with self.optimizer.averaged_parameters():
+        with self.optimizer.averaged_parameters(), self._batchnorm_for_averaged_parameters():
             row.update(self._evaluate(suffix=""))
         if self.settings.eval_current:
             row.update(self._evaluate(suffix="_current"))
         row.update({f"time/{k}": v for k, v in self.optimizer.phase_times.items()})
         return row
+
+    def _batchnorm_for_averaged_parameters(self) -> AbstractContextManager[None]:
+        """BatchNorm statistics recomputed for the averaged parameters (``trainer.averaged_bn``)."""
+        if self.settings.averaged_bn == "running" or not self.averaging:
+            return nullcontext()
+        images, _ = self.eval_sets["train"]
+        return batchnorm_statistics_for_current_parameters(
+            self.model, images, self.preprocess, self.settings.eval_batch_size
+        )
 
     def _evaluate(self, suffix: str) -> dict[str, Any]:
         out = {}
