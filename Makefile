@@ -12,10 +12,10 @@ help:  ## list the targets
 $(BIN)/kfcrun: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,cluster]"
 	@touch $@
 
-setup: $(BIN)/kfcrun  ## create .venv and install kfcrun with its test tools
+setup: $(BIN)/kfcrun  ## create .venv and install kfcrun with its test tools and the Slurm launcher
 
 test: setup  ## run the default test suite (CPU, no downloads; skips `slow` and `gpu` tests)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -385,6 +385,8 @@ def run_task(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if launch.is_follower():
+        _leave_the_log_file_to_rank_zero()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     resume_overrides: list[str] = []
     try:
@@ -486,6 +488,18 @@ def run_resumed(request: ResumeRequest) -> None:
         sys.exit(error.exit_code)
 
 
+def _leave_the_log_file_to_rank_zero() -> None:
+    """A submitit task other than rank 0 ran Hydra's job logging too: detach its log-file handler.
+
+    Every task of a submitit job shares rank 0's run directory, so without this each rank
+    would append its lines (submitit's among them) to rank 0's ``kfcrun.log``.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def _log_to(log_file: Path) -> None:
     """Log as Hydra's job logging does (stdout and the run's log file), for runs outside Hydra."""
     fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
@@ -564,7 +578,7 @@ def _refuse_sweep_under_torchrun(argv: Sequence[str]) -> None:
     if "-m" in argv or "--multirun" in argv:
         err = ConfigError(
             "config error: -m (a sweep) under torchrun: every process would run every job; "
-            "fix: run the sweep with hydra/launcher=submitit_slurm (one data-parallel job per value), "
+            "fix: run the sweep with +cluster=slurm or +cluster=local (one data-parallel job per value), "
             "or one torchrun per value"
         )
         _print_error(err)

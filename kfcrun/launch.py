@@ -8,22 +8,22 @@ creating any directory or writing any file (:func:`follow`). If rank 0 stops bef
 (a config error, a refused run directory), the others receive "no job" and exit quietly
 with rank 0's exit code; rank 0 prints the one line.
 
-Under Slurm (``hydra/launcher=submitit_slurm``) every task runs the Hydra job itself;
-:func:`share_job` then makes every rank use rank 0's config and directory.
+Under submitit (``+cluster=slurm``, or ``+cluster=local`` for several tasks on this machine)
+every task runs the Hydra job itself; :func:`share_job` then makes every rank use rank 0's
+config and directory.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from kfcrun.distributed import DistributedContext, init_from_environment, launched_world_size
+from kfcrun.distributed import DistributedContext, init_from_environment, launched_rank, launched_world_size
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def context() -> DistributedContext | None:
 
 def is_follower() -> bool:
     """Whether this process is a rank other than 0 of a launched data-parallel run."""
-    return launched_world_size() > 1 and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0
+    return launched_world_size() > 1 and launched_rank() != 0
 
 
 def share_job(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Job:

@@ -13,7 +13,7 @@ Imports the curvature, never the optimizers or the runner.
 
 from .assignment import assign_by_cost, block_cost, load_per_rank
 from .buckets import pack_triangles, unpack_triangles
-from .context import CommLog, DistributedContext, init_from_environment, launched_world_size
+from .context import CommLog, DistributedContext, init_from_environment, launched_rank, launched_world_size
 from .curvature_comm import DataParallelCurvatureComm, gradient_workers
 from .gradients import wrap_data_parallel
 
@@ -25,6 +25,7 @@ __all__ = [
     "block_cost",
     "gradient_workers",
     "init_from_environment",
+    "launched_rank",
     "launched_world_size",
     "load_per_rank",
     "pack_triangles",

@@ -2,9 +2,10 @@
 
 :func:`init_from_environment` starts ``torch.distributed`` when the launcher says there are
 several processes: ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*``;
-a Slurm job (``hydra/launcher=submitit_slurm``, one task per GPU) sets ``SLURM_*``, which
-``submitit`` turns into the same variables. CPU runs use gloo; CUDA runs use NCCL with one
-device per local rank (``cuda:LOCAL_RANK``).
+a Slurm job (``hydra/launcher=submitit_slurm``, one task per GPU) sets ``SLURM_*``, and
+submitit's local executor (``hydra/launcher=submitit_local``, several tasks on this machine)
+its own ``SUBMITIT_LOCAL_*``; ``submitit`` turns either into the same variables. CPU runs use
+gloo; CUDA runs use NCCL with one device per local rank (``cuda:LOCAL_RANK``).
 
 Every collective kfcrun issues goes through :class:`DistributedContext`, which counts the
 calls and the payload bytes per purpose in :class:`CommLog` (the tests count all-reduces;
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from kfcrun.errors import ConfigError
 
-__all__ = ["CommLog", "DistributedContext", "init_from_environment", "launched_world_size"]
+__all__ = ["CommLog", "DistributedContext", "init_from_environment", "launched_rank", "launched_world_size"]
 
 
 @dataclass
@@ -52,15 +53,40 @@ class CommLog:
         self.seconds.clear()
 
 
+#: A submitit task's variables, by executor: (its global rank, the job's number of tasks). Slurm's
+#: come from ``srun``; the local executor (``hydra/launcher=submitit_local``) sets its own.
+_SUBMITIT_TASK_VARIABLES = {
+    "slurm": ("SLURM_PROCID", "SLURM_NTASKS"),
+    "local": ("SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS"),
+}
+
+
+def _submitit_task() -> tuple[int, int] | None:
+    """(rank, number of tasks) of a task of a submitit job, or ``None`` outside one.
+
+    Only a process that submitit started counts (``SUBMITIT_EXECUTOR`` set), not just any shell
+    inside a Slurm allocation of several tasks.
+    """
+    names = _SUBMITIT_TASK_VARIABLES.get(os.environ.get("SUBMITIT_EXECUTOR", ""))
+    if names is None or names[0] not in os.environ:
+        return None
+    return int(os.environ[names[0]]), int(os.environ.get(names[1], "1"))
+
+
 def launched_world_size() -> int:
-    """The number of processes the launcher started (1 outside torchrun/Slurm tasks)."""
+    """The number of processes the launcher started (1 outside torchrun/submitit tasks)."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    # A Slurm task of a submitit job (not just any shell inside an allocation of several tasks).
-    slurm_job = "SUBMITIT_EXECUTOR" in os.environ and "SLURM_PROCID" in os.environ
-    if slurm_job and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return int(os.environ["SLURM_NTASKS"])
-    return 1
+    task = _submitit_task()
+    return task[1] if task is not None else 1
+
+
+def launched_rank() -> int:
+    """This process's rank among the processes the launcher started (0 outside a launch)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    task = _submitit_task()
+    return task[0] if task is not None else 0
 
 
 @dataclass
@@ -140,13 +166,17 @@ class DistributedContext:
             dist.destroy_process_group()
 
 
-def _export_slurm_environment() -> None:
-    """Set ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/... from a Slurm task's ``SLURM_*`` (via submitit)."""
+def _export_submitit_environment() -> None:
+    """Set ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/... from a submitit task's variables.
+
+    ``MASTER_ADDR`` is the job's first host (this machine for the local executor); ``MASTER_PORT``
+    is kept if set, else derived from the job id, so that every task of a job agrees on it.
+    """
     try:
         from submitit.helpers import TorchDistributedEnvironment
     except ImportError as err:
         raise ConfigError(
-            "config error: this is one of several Slurm tasks but submitit is not installed, so the "
+            "config error: this is one of several submitit tasks but submitit is not installed, so the "
             "process group cannot be formed; fix: pip install 'kfcrun[cluster]', or launch with torchrun"
         ) from err
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)  # keeps MASTER_PORT
@@ -160,7 +190,7 @@ def init_from_environment(timeout_s: float = 1800.0) -> DistributedContext:
     rank to the CPU (``trainer.device=cpu``) by setting :attr:`DistributedContext.device`.
     """
     if "WORLD_SIZE" not in os.environ:
-        _export_slurm_environment()
+        _export_submitit_environment()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
