@@ -45,7 +45,7 @@ def figure(runs: list[Path], out: Path) -> None:
     axes[0, 0].set_ylabel("training NLL (1,000 images)")
     axes[1, 0].set_ylabel("test error (1,000 images)")
     axes[0, 0].legend()
-    fig.suptitle("ResNet-18, CIFAR-10, batch 128, augmentation: SGD vs KFC-pre (current parameters)")
+    fig.suptitle("ResNet-18, CIFAR-10, batch 128, augmentation (current parameters)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
 
