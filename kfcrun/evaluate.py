@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from kfcrun.curvature.derivatives import preserved_buffers
+
 
 @torch.no_grad()
 def evaluate(
@@ -46,11 +48,6 @@ def evaluate(
     return {"nll": total_nll.item() / n, "error": wrong.item() / n}
 
 
-def tracked_batchnorms(model: nn.Module) -> list[_BatchNorm]:
-    """The model's BatchNorm layers that keep running statistics (used in eval mode)."""
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-
-
 @contextmanager
 def batchnorm_statistics_for_current_parameters(
     model: nn.Module,
@@ -72,30 +69,28 @@ def batchnorm_statistics_for_current_parameters(
     so training continues exactly as without the evaluation. A model without tracked
     BatchNorm is left alone.
     """
-    norms = tracked_batchnorms(model)
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         yield
         return
     modes = [(m, m.training) for m in model.modules()]
-    saved = [(m.momentum, [b.detach().clone() for b in m.buffers(recurse=False)]) for m in norms]
-    try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                model(preprocess(images[start : start + batch_size]))
-        _restore_modes(modes)
-        yield
-    finally:
-        with torch.no_grad():
-            for m, (momentum, buffers) in zip(norms, saved, strict=True):
+    momenta = [m.momentum for m in norms]
+    with preserved_buffers(model):
+        try:
+            model.eval()
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            with torch.no_grad():
+                for start in range(0, len(images), batch_size):
+                    model(preprocess(images[start : start + batch_size]))
+            _restore_modes(modes)
+            yield
+        finally:
+            for m, momentum in zip(norms, momenta, strict=True):
                 m.momentum = momentum
-                for buffer, value in zip(m.buffers(recurse=False), buffers, strict=True):
-                    buffer.copy_(value)
-        _restore_modes(modes)
+            _restore_modes(modes)
 
 
 def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
