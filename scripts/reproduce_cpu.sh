@@ -3,7 +3,7 @@
 # offline CIFAR-10 image folder, about an hour on a 2-core CPU:
 #
 #   1. short sweeps, each job with about the same training time: SGD (batch 128) over the
-#      learning rate, KFC-pre (batch 512) over the learning rate and the damping (the paper's
+#      learning rate, KFC-pre (batch KFC_BATCH, 512) over the learning rate and the damping (the paper's
 #      gamma = 1e-3 and the gamma = 1 that worked better here); the best setting is the one
 #      with the lowest final TRAINING error (the paper's protocol, on a much smaller budget;
 #      sweeps much shorter than these favour large learning rates: 120 KFC-pre iterations
@@ -15,7 +15,13 @@
 # Usage: scripts/reproduce_cpu.sh            (or: make reproduce-cpu)
 # Environment: KFCRUN_CIFAR10_DIR (data), OUT (output dir), SGD_EPOCHS, KFC_EPOCHS, THREADS,
 #              KFCRUN / PYTHON (executables); SGD_LR, KFC_LR and KFC_DAMPING all set: skip the
-#              sweeps and run steps 2-4 with these (e.g. the settings outputs/results/cifar10_cpu picked).
+#              sweeps and run steps 2-4 with these (e.g. the settings outputs/results/cifar10_cpu picked);
+#              KFC_BATCH (KFC-pre's batch, default the paper's 512; its sweep keeps the examples of 300
+#              batch-512 iterations and its evaluations one per 97 x 512 examples), KFC_LR_GRID and
+#              KFC_DAMPING_GRID (the KFC-pre sweep's values, comma-separated; defaults: the batch-512 grid).
+#              On a CPU KFC-pre is faster at batch 128: KFC_BATCH=128 KFC_LR_GRID=0.03,0.01
+#              KFC_DAMPING_GRID=1.0,0.3 (or KFC_LR=0.01 KFC_DAMPING=1.0) gave 2.0-2.6x SGD's speed against
+#              1.1-1.2x at 512 (outputs/results/issue13/batch128).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -25,6 +31,15 @@ OUT="${OUT:-$ROOT/outputs/reproduce_cpu/$(date +%Y-%m-%d_%H-%M-%S)}"
 SGD_EPOCHS="${SGD_EPOCHS:-40}"     # 15,600 iterations at batch 128
 KFC_EPOCHS="${KFC_EPOCHS:-20}"     # 1,940 iterations at batch 512
 THREADS="${THREADS:-2}"
+KFC_BATCH="${KFC_BATCH:-512}"
+KFC_LR_GRID="${KFC_LR_GRID:-0.1,0.03}"
+KFC_DAMPING_GRID="${KFC_DAMPING_GRID:-0.001,1.0}"
+if ! [[ "$KFC_BATCH" =~ ^[1-9][0-9]*$ ]] || (( 153600 % KFC_BATCH != 0 )); then
+  echo "reproduce_cpu: KFC_BATCH=$KFC_BATCH must be a whole number dividing 153,600 (the examples per KFC-pre sweep job); fix: e.g. KFC_BATCH=128 or 512" >&2
+  exit 2
+fi
+KFC_SWEEP_ITERS=$(( 153600 / KFC_BATCH ))   # 300 at batch 512
+KFC_EVAL_EVERY=$(( (97 * 512 + KFC_BATCH / 2) / KFC_BATCH ))  # 97 at batch 512 (one epoch), rounded
 
 given=0
 for setting in SGD_LR KFC_LR KFC_DAMPING; do [[ -n "${!setting:-}" ]] && given=$((given + 1)); done
@@ -35,7 +50,7 @@ fi
 . "$ROOT/scripts/cifar10_dir.sh" reproduce_cpu
 mkdir -p "$OUT"
 COMMON=(dataset.root="$DATA" trainer.progress=false trainer.threads="$THREADS")
-KFC_SETTINGS=(optimizer.init_examples=5120)
+KFC_SETTINGS=(optimizer.init_examples=5120 trainer.batch_size="$KFC_BATCH")
 started=$(date +%s)
 say() { printf '\n[reproduce_cpu %4d min] %s\n' $(( ($(date +%s) - started) / 60 )) "$*"; }
 
@@ -58,10 +73,10 @@ else
     hydra.sweep.dir="$OUT/sweep_sgd"
   SGD_LR=$(best_setting "$OUT/sweep_sgd" optimizer.lr)
 
-  say "1/4 learning-rate x damping sweep, KFC-pre at batch 512 (300 iterations per job)"
-  "$KFCRUN" -m experiment=cifar10_kfc "${COMMON[@]}" "${KFC_SETTINGS[@]}" trainer.max_iters=300 \
-    trainer.max_epochs=null trainer.eval_every=300 trainer.checkpoint_every=null 'optimizer.lr=0.1,0.03' \
-    'optimizer.damping=0.001,1.0' hydra.sweep.dir="$OUT/sweep_kfc"
+  say "1/4 learning-rate x damping sweep, KFC-pre at batch $KFC_BATCH ($KFC_SWEEP_ITERS iterations per job)"
+  "$KFCRUN" -m experiment=cifar10_kfc "${COMMON[@]}" "${KFC_SETTINGS[@]}" trainer.max_iters="$KFC_SWEEP_ITERS" \
+    trainer.max_epochs=null trainer.eval_every="$KFC_SWEEP_ITERS" trainer.checkpoint_every=null \
+    "optimizer.lr=$KFC_LR_GRID" "optimizer.damping=$KFC_DAMPING_GRID" hydra.sweep.dir="$OUT/sweep_kfc"
   KFC_LR=$(best_setting "$OUT/sweep_kfc" optimizer.lr)
   KFC_DAMPING=$(best_setting "$OUT/sweep_kfc" optimizer.damping)
 fi
@@ -71,9 +86,9 @@ say "2/4 SGD, batch 128, lr $SGD_LR, $SGD_EPOCHS epochs"
 "$KFCRUN" experiment=cifar10_sgd "${COMMON[@]}" optimizer.lr="$SGD_LR" trainer.max_iters=null \
   trainer.max_epochs="$SGD_EPOCHS" trainer.eval_every=780 hydra.run.dir="$OUT/sgd"
 
-say "3/4 KFC-pre, batch 512, lr $KFC_LR, damping $KFC_DAMPING, $KFC_EPOCHS epochs"
+say "3/4 KFC-pre, batch $KFC_BATCH, lr $KFC_LR, damping $KFC_DAMPING, $KFC_EPOCHS epochs"
 "$KFCRUN" experiment=cifar10_kfc "${COMMON[@]}" "${KFC_SETTINGS[@]}" optimizer.lr="$KFC_LR" optimizer.damping="$KFC_DAMPING" \
-  trainer.max_iters=null trainer.max_epochs="$KFC_EPOCHS" trainer.eval_every=97 hydra.run.dir="$OUT/kfc"
+  trainer.max_iters=null trainer.max_epochs="$KFC_EPOCHS" trainer.eval_every="$KFC_EVAL_EVERY" hydra.run.dir="$OUT/kfc"
 
 say "4/4 figures and report"
 "$PYTHON" "$ROOT/scripts/make_figures.py" "$OUT/sgd" "$OUT/kfc" --kind both --out "$OUT/figures"
